@@ -1,0 +1,61 @@
+"""Options and output shared by every command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..ops.filecopy import DEFAULT_BUFFER, CopyOptions
+from ..ops.result import OpResult
+from ..units import format_bytes, parse_size
+
+
+def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
+    g = p.add_argument_group("run options")
+    g.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan (bytes read and written per rank) without writing")
+    g.add_argument("--buffer-size", type=parse_size, default=DEFAULT_BUFFER, metavar="SIZE",
+                   help="copy buffer per rank (default 64MiB); bounds memory")
+    if writes:
+        g.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+        g.add_argument("--no-fsync", action="store_true",
+                       help="skip fsync before commit (faster, not crash-safe)")
+
+
+def copy_options(args) -> CopyOptions:
+    return CopyOptions(buffer_size=args.buffer_size, fsync=not getattr(args, "no_fsync", False),
+                       dry_run=args.dry_run, overwrite=getattr(args, "overwrite", False),
+                       progress=not args.json)
+
+
+def examples(text: str) -> str:
+    return "examples:\n" + "\n".join("  " + line for line in text.strip().splitlines())
+
+
+def print_result(result: OpResult, as_json: bool, out=sys.stdout) -> None:
+    """Rank 0 only: one summary line, or the per-rank plan for --dry-run."""
+    if as_json:
+        print(json.dumps(result.to_dict()), file=out)
+        return
+    if result.dry_run:
+        print(f"{result.op} plan (dry run, nothing written): {result.files} file(s), "
+              f"{format_bytes(result.bytes_written)} to write on {result.world_size} rank(s)",
+              file=out)
+        keys = [k for k in result.per_rank[0] if k != "rank"] if result.per_rank else []
+        print("  rank " + "".join(f"{k:>18}" for k in keys), file=out)
+        for r in result.per_rank:
+            print(f"  {r['rank']:>4} " + "".join(f"{_fmt(r[k]):>18}" for k in keys), file=out)
+        return
+    extra = ""
+    for key in ("bytes_sent", "rounds"):
+        if key in result.extra:
+            v = result.extra[key]
+            extra += f", {format_bytes(v) if key.startswith('bytes') else v} {key.replace('bytes_', '')}"
+    print(f"{result.op}: {result.files} file(s), {format_bytes(result.bytes_written)} written, "
+          f"{format_bytes(result.bytes_read)} read{extra} in {result.seconds:.2f} s "
+          f"({result.gbps:.2f} GB/s) on {result.world_size} rank(s) -> {result.output}", file=out)
+
+
+def _fmt(v):
+    return format_bytes(v) if isinstance(v, int) else str(v)

@@ -1,0 +1,49 @@
+"""hpcckpt inspect PATH"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..layout.loader import load_strategy
+from ..ops.inspect import describe_path
+from ..units import format_bytes
+from .common import examples
+
+HELP = "describe a checkpoint (any kind) or a strategy"
+EXAMPLES = examples("""
+hpcckpt inspect dist/
+hpcckpt inspect model.safetensors --tensors
+hpcckpt inspect strategy.yaml --json
+""")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help=HELP, description=HELP, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path")
+    p.add_argument("--strategy", help="strategy for a distributed checkpoint without manifest")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run, prints_itself=True)
+
+
+def run(args, comm):
+    with comm.step("inspect"):
+        strategy = load_strategy(args.strategy) if args.strategy else None
+        info = describe_path(args.path, strategy, args.tensors) if comm.rank == 0 else None
+    if comm.rank == 0:
+        print(json.dumps(info) if args.json else render(info))
+    return None
+
+
+def render(info: dict) -> str:
+    lines = []
+    for k, v in info.items():
+        if k == "tensor_list":
+            continue
+        if isinstance(v, int) and not isinstance(v, bool) and "bytes" in k:
+            v = f"{format_bytes(v)} ({v} bytes)"
+        lines.append(f"{k:>18}: {v}")
+    for t in info.get("tensor_list", ()):
+        lines.append(f"  {t['name']}  {t['dtype']} {t['shape']}  chunks={t['chunks']}")
+    return "\n".join(lines)

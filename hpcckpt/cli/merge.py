@@ -1,0 +1,42 @@
+"""hpcckpt merge DIST OUT [--strategy S] [--max-shard-size 5GB] ..."""
+from __future__ import annotations
+
+import argparse
+
+from ..layout.loader import load_strategy
+from ..ops.merge import merge
+from ..units import parse_size
+from .common import add_run_options, copy_options, examples
+
+HELP = "distributed checkpoint -> complete weights (HF or MindSpore layout)"
+EXAMPLES = examples("""
+hpcckpt merge dist/ hf_out/ --max-shard-size 5GB
+mpiexec -n 4 hpcckpt merge dist/ ms_out/ --layout ms --exclude-prefix adam_m. --exclude-prefix adam_v.
+""")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("merge", help=HELP, description=HELP, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dist", help="distributed checkpoint directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--strategy", help="strategy (needed when DIST has no manifest.json)")
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
+                   help="largest shard (default 5GB)")
+    p.add_argument("--exclude-prefix", action="append", default=[], metavar="P",
+                   help="leave out tensors whose name starts with P (repeatable)")
+    p.add_argument("--file-suffix", default="", metavar="SUF",
+                   help="insert _SUF before .safetensors in shard names")
+    p.add_argument("--layout", choices=("hf", "ms"), default="hf")
+    add_run_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args, comm):
+    strategy = None
+    if args.strategy:
+        with comm.step("read strategy"):
+            strategy = load_strategy(args.strategy)
+    return merge(args.dist, args.out, strategy=strategy, max_shard_size=args.max_shard_size,
+                 exclude_prefixes=tuple(args.exclude_prefix), file_suffix=args.file_suffix,
+                 layout=args.layout, comm=comm, options=copy_options(args))

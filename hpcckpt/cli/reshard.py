@@ -1,0 +1,47 @@
+"""hpcckpt reshard DIST OUT --strategy DST [--src-strategy SRC] [--dedup] [--node-local]"""
+from __future__ import annotations
+
+import argparse
+
+from ..layout.loader import load_strategy
+from ..ops.reshard import reshard
+from ..units import parse_size
+from .common import add_run_options, copy_options, examples
+
+HELP = "distributed checkpoint -> distributed checkpoint under another strategy"
+EXAMPLES = examples("""
+mpiexec -n 8 hpcckpt reshard dist/ dist_tp4/ --strategy tp4.yaml
+mpiexec -n 4 hpcckpt reshard '/local/node{rank}/ckpt' '/local/node{rank}/out' --strategy s.yaml --node-local
+""")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("reshard", help=HELP, description=HELP, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dist", help="distributed checkpoint directory ({rank} = this rank, node-local)")
+    p.add_argument("out", help="output directory ({rank} = this rank, node-local)")
+    p.add_argument("--strategy", required=True, help="destination strategy")
+    p.add_argument("--src-strategy", help="source strategy (when DIST has no manifest.json)")
+    p.add_argument("--dedup", action="store_true", help="store each distinct box once")
+    p.add_argument("--prefix", default=None, help="file name prefix (default: the source's)")
+    p.add_argument("--node-local", action="store_true",
+                   help="no shared filesystem: ranks open only their own rank directories; "
+                        "slices travel over MPI")
+    p.add_argument("--exchange-budget", type=parse_size, default=parse_size("256MiB"),
+                   metavar="SIZE", help="bytes in flight per rank per exchange round")
+    p.add_argument("--max-message", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
+                   help="largest single MPI message (kept below 2 GiB)")
+    add_run_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args, comm):
+    with comm.step("read strategy"):
+        dst = load_strategy(args.strategy.format(rank=comm.rank))
+        src = load_strategy(args.src_strategy.format(rank=comm.rank)) if args.src_strategy else None
+    extra = {}
+    if args.node_local:
+        extra = {"budget": args.exchange_budget, "max_message": args.max_message}
+    return reshard(args.dist, args.out, dst, src_strategy=src, dedup=args.dedup,
+                   prefix=args.prefix, node_local=args.node_local, comm=comm,
+                   options=copy_options(args), **extra)

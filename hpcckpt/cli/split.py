@@ -1,0 +1,31 @@
+"""hpcckpt split COMPLETE OUT --strategy S [--dedup] [--prefix P]"""
+from __future__ import annotations
+
+from ..layout.loader import load_strategy
+from ..ops.split import split
+from .common import add_run_options, copy_options, examples
+
+HELP = "complete weights -> distributed checkpoint under a strategy"
+EXAMPLES = examples("""
+hpcckpt split hf_model/ dist/ --strategy strategy.yaml
+mpiexec -n 8 hpcckpt split model.safetensors dist/ --strategy s.yaml --dedup --prefix llama
+""")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("split", help=HELP, description=HELP, epilog=EXAMPLES,
+                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("complete", help="HF directory (with index), model.safetensors, or a file")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--strategy", required=True, help="strategy YAML")
+    p.add_argument("--dedup", action="store_true", help="store each distinct box once, balanced")
+    p.add_argument("--prefix", default="model", help="file name prefix (default: model)")
+    add_run_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args, comm):
+    with comm.step("read strategy"):
+        strategy = load_strategy(args.strategy)
+    return split(args.complete, args.out, strategy, dedup=args.dedup, prefix=args.prefix,
+                 comm=comm, options=copy_options(args))

@@ -1,0 +1,124 @@
+"""The one communication wrapper.
+
+``Comm`` works with an mpi4py communicator or, with ``None``, as a one-process stand-in
+(so planning and tests run without MPI). ``Comm.step`` is the failure protocol: every
+rank enters the step, and on leaving it the ranks exchange their outcome; if any rank
+raised, every rank raises the same ``RankFailure`` naming the failing ranks. Nothing
+waits forever in a collective because one rank threw.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import HpcckptError, RankFailure
+
+
+class Comm:
+    def __init__(self, mpi_comm: Any = None):
+        self.mpi = mpi_comm
+        self.rank = 0 if mpi_comm is None else mpi_comm.Get_rank()
+        self.size = 1 if mpi_comm is None else mpi_comm.Get_size()
+        self.debug = False
+
+    # ---- object collectives (small metadata only) ---------------------------
+    def barrier(self) -> None:
+        if self.mpi is not None:
+            self.mpi.Barrier()
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj if self.mpi is None else self.mpi.bcast(obj, root=root)
+
+    def allgather(self, obj: Any) -> list:
+        return [obj] if self.mpi is None else self.mpi.allgather(obj)
+
+    def gather(self, obj: Any, root: int = 0) -> list | None:
+        return [obj] if self.mpi is None else self.mpi.gather(obj, root=root)
+
+    def allreduce_max(self, value: float) -> float:
+        if self.mpi is None:
+            return value
+        from mpi4py import MPI
+        return self.mpi.allreduce(value, op=MPI.MAX)
+
+    def allreduce_sum(self, value: int) -> int:
+        return value if self.mpi is None else self.mpi.allreduce(value)
+
+    # ---- buffer collectives --------------------------------------------------
+    def alltoall_int64(self, send: np.ndarray) -> np.ndarray:
+        """``send`` has shape (size, k); row j goes to rank j. Returns rows from each rank."""
+        if self.mpi is None:
+            return send.copy()
+        recv = np.empty_like(send)
+        self.mpi.Alltoall(send, recv)
+        return recv
+
+    def alltoallv_bytes(self, sendbuf: np.ndarray, sendcounts: np.ndarray,
+                        recvbuf: np.ndarray, recvcounts: np.ndarray) -> None:
+        """Exchange uint8 buffers; counts per peer (each below 2 GiB, totals too)."""
+        if self.mpi is None:
+            n = int(sendcounts[0])
+            recvbuf[:n] = sendbuf[:n]
+            return
+        from mpi4py import MPI
+        sdis = np.concatenate(([0], np.cumsum(sendcounts)[:-1])).astype(np.int64)
+        rdis = np.concatenate(([0], np.cumsum(recvcounts)[:-1])).astype(np.int64)
+        self.mpi.Alltoallv([sendbuf, (sendcounts.astype(np.int64), sdis), MPI.BYTE],
+                           [recvbuf, (recvcounts.astype(np.int64), rdis), MPI.BYTE])
+
+    # ---- failure protocol ----------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Run a block on every rank; if any rank raises, all raise the same RankFailure."""
+        error: str | None = None
+        try:
+            yield
+        except RankFailure:
+            raise  # already shared by a nested collective step
+        except BaseException as e:  # noqa: BLE001 - shared, then re-raised on every rank
+            error = describe(e, self.debug)
+            if self.mpi is None:
+                if isinstance(e, HpcckptError) or not isinstance(e, Exception):
+                    raise
+                raise RankFailure(name, {0: error}) from e
+        self.check(name, error)
+
+    def check(self, name: str, error: str | None) -> None:
+        """Share one rank's outcome; raise RankFailure everywhere if any rank failed."""
+        errors = self.allgather(error)
+        failed = {r: m for r, m in enumerate(errors) if m is not None}
+        if failed:
+            raise RankFailure(name, failed)
+
+    def abort(self, code: int = 1) -> None:
+        if self.mpi is not None:
+            self.mpi.Abort(code)
+
+
+def describe(e: BaseException, debug: bool = False) -> str:
+    """One line for known errors; type and message (plus traceback with debug) otherwise."""
+    if isinstance(e, HpcckptError):
+        return str(e)
+    text = f"{type(e).__name__}: {e}"
+    if debug:
+        text += "\n" + "".join(traceback.format_exception(e))
+    return text
+
+
+def world_comm() -> Comm:
+    """COMM_WORLD when mpi4py is available, else the one-process stand-in."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return Comm(None)
+    return Comm(MPI.COMM_WORLD)
+
+
+def as_comm(comm: Any) -> Comm:
+    """Accept a Comm, an mpi4py communicator, or None (one process)."""
+    if comm is None or isinstance(comm, Comm):
+        return comm or Comm(None)
+    return Comm(comm)

@@ -1,0 +1,226 @@
+"""The strategy model: a device mesh and, for every tensor, which box each rank holds.
+
+Pure and immutable. Boxes are derived on demand from the mesh coordinates so that a
+1024-rank strategy with thousands of tensors never materialises world x tensors boxes
+unless a caller asks for them.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterator, Mapping
+
+from ..dtypes import itemsize
+from .box import Box, array_split_piece
+
+PP_AXIS = "pp"
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Ordered device mesh; rank = row-major index over the axes, last axis fastest."""
+
+    axes: tuple[tuple[str, int], ...]
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.axes)
+
+    @cached_property
+    def sizes(self) -> dict[str, int]:
+        return dict(self.axes)
+
+    @cached_property
+    def strides(self) -> dict[str, int]:
+        out, stride = {}, 1
+        for name, size in reversed(self.axes):
+            out[name] = stride
+            stride *= size
+        return out
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(s for _, s in self.axes)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        return {n: (rank // self.strides[n]) % s for n, s in self.axes}
+
+    def rank_of(self, coords: Mapping[str, int]) -> int:
+        return sum(coords.get(n, 0) * self.strides[n] for n, _ in self.axes)
+
+    def to_dict(self) -> dict:
+        return dict(self.axes)
+
+    def __str__(self) -> str:
+        return "x".join(f"{n}{s}" for n, s in self.axes) or "(single rank)"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor's layout.
+
+    Attributes:
+        name: global tensor name (dots and slashes allowed).
+        shape: global shape.
+        dtype: safetensors dtype name.
+        split: per dimension, the mesh axes it is split over (major first); () = not split.
+        stage: pipeline stage holding it (needs a ``pp`` axis); None = every stage.
+        zero: axis over which dimension 0 of the local slice is split again (ZeRO).
+        boxes: explicit ``{rank: Box}`` for irregular layouts; ranks not listed hold nothing.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    split: tuple[tuple[str, ...], ...] = ()
+    stage: int | None = None
+    zero: str | None = None
+    boxes: Mapping[int, Box] | None = field(default=None, compare=False)
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    def to_dict(self) -> dict:
+        d: dict = {"shape": list(self.shape), "dtype": self.dtype}
+        if self.boxes is not None:
+            d["boxes"] = {r: b.to_dict() for r, b in sorted(self.boxes.items())}
+        elif any(self.split):
+            d["split"] = [None if not a else (a[0] if len(a) == 1 else list(a)) for a in self.split]
+        if self.stage is not None:
+            d["stage"] = self.stage
+        if self.zero is not None:
+            d["zero"] = self.zero
+        return d
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A mesh plus the ordered tensor layouts. Validated on construction by the readers."""
+
+    mesh: Mesh
+    tensors: tuple[TensorSpec, ...]
+
+    @cached_property
+    def by_name(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.tensors}
+
+    @property
+    def world_size(self) -> int:
+        return self.mesh.world_size
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.by_name[name]
+
+    # ---- rank -> box ---------------------------------------------------------
+    def box_of(self, name: str, rank: int) -> Box | None:
+        """The box of ``name`` held by ``rank``, or None if the rank holds none of it."""
+        t = self.by_name[name]
+        if t.boxes is not None:
+            return t.boxes.get(rank)
+        return self._grid_box(t, self.mesh.coords(rank))
+
+    def _grid_box(self, t: TensorSpec, coords: Mapping[str, int]) -> Box | None:
+        if t.stage is not None and PP_AXIS in self.mesh.sizes and coords[PP_AXIS] != t.stage:
+            return None
+        offsets, sizes = list((0,) * len(t.shape)), list(t.shape)
+        for dim, axes in enumerate(t.split):
+            if axes:
+                parts, index = 1, 0
+                for a in axes:  # first name major
+                    parts *= self.mesh.sizes[a]
+                    index = index * self.mesh.sizes[a] + coords[a]
+                offsets[dim], sizes[dim] = array_split_piece(t.shape[dim], parts, index)
+        if t.zero is not None and t.shape:
+            start, size = array_split_piece(sizes[0], self.mesh.sizes[t.zero], coords[t.zero])
+            offsets[0] += start
+            sizes[0] = size
+        return Box(tuple(offsets), tuple(sizes))
+
+    def rank_boxes(self, rank: int) -> Iterator[tuple[TensorSpec, Box]]:
+        """Every (tensor, box) the rank holds, in strategy order."""
+        coords = self.mesh.coords(rank)
+        for t in self.tensors:
+            box = t.boxes.get(rank) if t.boxes is not None else self._grid_box(t, coords)
+            if box is not None:
+                yield t, box
+
+    # ---- distinct chunks and their replicas ---------------------------------
+    def used_axes(self, t: TensorSpec) -> tuple[str, ...]:
+        """Mesh axes whose coordinate changes the tensor's box (the rest are replica axes)."""
+        used = {a for axes in t.split for a in axes}
+        if t.zero is not None and t.shape:
+            used.add(t.zero)
+        if t.stage is not None and PP_AXIS in self.mesh.sizes:
+            used.add(PP_AXIS)
+        return tuple(n for n in self.mesh.names if n in used)
+
+    def chunks(self, name: str) -> list[tuple[Box, tuple[int, ...]]]:
+        """Distinct non-empty boxes of ``name`` with the ranks holding each (replicas), sorted.
+
+        Cost is O(distinct boxes x replicas), never a scan of every rank per box.
+        """
+        t = self.by_name[name]
+        if t.boxes is not None:
+            groups: dict[Box, list[int]] = {}
+            for r, b in sorted(t.boxes.items()):
+                if not b.is_empty():
+                    groups.setdefault(b, []).append(r)
+            return sorted(((b, tuple(rs)) for b, rs in groups.items()), key=lambda x: x[1][0])
+        used = self.used_axes(t)
+        free = [n for n in self.mesh.names if n not in used]
+        out = []
+        for values in itertools.product(*(self._axis_range(t, a) for a in used)):
+            coords = dict(zip(used, values))
+            box = self._grid_box(t, {**{n: 0 for n in self.mesh.names}, **coords})
+            if box is None or box.is_empty():
+                continue
+            ranks = sorted(
+                self.mesh.rank_of({**coords, **dict(zip(free, fv))})
+                for fv in itertools.product(*(range(self.mesh.sizes[n]) for n in free)))
+            out.append((box, tuple(ranks)))
+        out.sort(key=lambda x: x[1][0])
+        return out
+
+    def replicas(self, name: str, rank: int) -> tuple[int, ...]:
+        """All ranks holding the same box of ``name`` as ``rank`` (including itself)."""
+        t = self.by_name[name]
+        mine = self.box_of(name, rank)
+        if mine is None:
+            return ()
+        if t.boxes is not None:
+            return tuple(r for r, b in sorted(t.boxes.items()) if b == mine)
+        used = self.used_axes(t)
+        coords = self.mesh.coords(rank)
+        free = [n for n in self.mesh.names if n not in used]
+        fixed = {a: coords[a] for a in used}
+        return tuple(sorted(
+            self.mesh.rank_of({**fixed, **dict(zip(free, fv))})
+            for fv in itertools.product(*(range(self.mesh.sizes[n]) for n in free))))
+
+    def _axis_range(self, t: TensorSpec, axis: str) -> range:
+        if axis == PP_AXIS and t.stage is not None:
+            return range(t.stage, t.stage + 1)
+        return range(self.mesh.sizes[axis])
+
+    # ---- summaries -----------------------------------------------------------
+    @property
+    def unique_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def rank_bytes(self, rank: int) -> int:
+        return sum(b.volume * t.itemsize for t, b in self.rank_boxes(rank))
+
+    def to_dict(self) -> dict:
+        from .yaml_io import FORMAT
+        return {"format": FORMAT, "mesh": self.mesh.to_dict(),
+                "tensors": {t.name: t.to_dict() for t in self.tensors}}

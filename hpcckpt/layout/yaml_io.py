@@ -1,0 +1,202 @@
+"""Read, validate and write hpcckpt strategy files (SPEC 1.1).
+
+Validation happens here, before anything is planned or written, and every message
+names the file and the tensor.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+
+from ..dtypes import NUMPY_DTYPES
+from ..errors import StrategyError
+from .box import Box
+from .strategy import PP_AXIS, Mesh, Strategy, TensorSpec
+
+FORMAT = "hpcckpt.strategy/1"
+_TENSOR_KEYS = {"shape", "dtype", "split", "stage", "zero", "boxes"}
+
+
+def strategy_from_dict(doc: object, where: str = "strategy") -> Strategy:
+    """Build and validate a Strategy from the parsed YAML document."""
+    if not isinstance(doc, dict):
+        raise StrategyError(f"{where}: expected a mapping with 'format', 'mesh' and 'tensors'")
+    fmt = doc.get("format")
+    if fmt != FORMAT:
+        raise StrategyError(f"{where}: 'format' is {fmt!r}, expected {FORMAT!r}")
+    mesh = _mesh(doc.get("mesh"), where)
+    tensors = doc.get("tensors")
+    if not isinstance(tensors, dict):
+        raise StrategyError(f"{where}: 'tensors' must be a mapping of tensor name to layout")
+    specs = tuple(_tensor(str(name), entry, mesh, where) for name, entry in tensors.items())
+    return Strategy(mesh, specs)
+
+
+def _mesh(raw: object, where: str) -> Mesh:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise StrategyError(f"{where}: 'mesh' must be an ordered mapping of axis name to size")
+    axes = []
+    for name, size in raw.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise StrategyError(f"{where}: mesh axis {name!r} has size {size!r}; "
+                                "sizes must be positive integers")
+        axes.append((str(name), size))
+    return Mesh(tuple(axes))
+
+
+def _tensor(name: str, e: object, mesh: Mesh, where: str) -> TensorSpec:
+    at = f"{where}: tensor {name!r}"
+    if not isinstance(e, dict):
+        raise StrategyError(f"{at}: expected a mapping with 'shape' and 'dtype'")
+    unknown = set(e) - _TENSOR_KEYS
+    if unknown:
+        raise StrategyError(f"{at}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                            f"allowed: {', '.join(sorted(_TENSOR_KEYS))}")
+    shape = e.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                              for s in shape):
+        raise StrategyError(f"{at}: 'shape' must be a list of integers, got {shape!r}")
+    if any(s < 0 for s in shape):
+        raise StrategyError(f"{at}: negative size in shape {shape}")
+    dtype = e.get("dtype")
+    if dtype not in NUMPY_DTYPES:
+        raise StrategyError(f"{at}: unknown dtype {dtype!r} "
+                            f"(known: {' '.join(NUMPY_DTYPES)})")
+    stage = e.get("stage")
+    if stage is not None:
+        if PP_AXIS not in mesh.sizes:
+            raise StrategyError(f"{at}: has 'stage: {stage}' but the mesh has no 'pp' axis")
+        if not isinstance(stage, int) or not 0 <= stage < mesh.sizes[PP_AXIS]:
+            raise StrategyError(f"{at}: stage {stage!r} is out of range for pp={mesh.sizes[PP_AXIS]}")
+    if "boxes" in e:
+        for key in ("split", "zero", "stage"):
+            if e.get(key) is not None:
+                raise StrategyError(f"{at}: '{key}' cannot be combined with explicit 'boxes'")
+        boxes = _explicit_boxes(e["boxes"], tuple(shape), mesh, at)
+        return TensorSpec(name, tuple(shape), dtype, boxes=boxes)
+    split = _split(e.get("split"), len(shape), mesh, at)
+    zero = e.get("zero")
+    if zero is not None:
+        if zero not in mesh.sizes:
+            raise StrategyError(f"{at}: unknown zero axis {zero!r} (mesh axes: {', '.join(mesh.names)})")
+        if any(zero in axes for axes in split):
+            raise StrategyError(f"{at}: zero axis {zero!r} is also used in 'split'")
+        if not shape:
+            raise StrategyError(f"{at}: 'zero' needs at least one dimension; the tensor is a scalar")
+    if stage is not None and any(PP_AXIS in axes for axes in split) or zero == PP_AXIS:
+        raise StrategyError(f"{at}: the 'pp' axis cannot both place stages and split data")
+    return TensorSpec(name, tuple(shape), dtype, split=split, stage=stage, zero=zero)
+
+
+def _split(raw: object, ndim: int, mesh: Mesh, at: str) -> tuple[tuple[str, ...], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise StrategyError(f"{at}: 'split' must be a list with one entry per dimension")
+    if len(raw) > ndim:
+        raise StrategyError(f"{at}: 'split' has {len(raw)} entries but the shape has {ndim} "
+                            "dimension(s)")
+    out, seen = [], set()
+    for dim, entry in enumerate(raw):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        if not isinstance(axes, (list, tuple)) or not all(isinstance(a, str) for a in axes):
+            raise StrategyError(f"{at}: split[{dim}] must be null, an axis name or a list of "
+                                f"axis names, got {entry!r}")
+        for a in axes:
+            if a not in mesh.sizes:
+                raise StrategyError(f"{at}: unknown axis {a!r} in split[{dim}] "
+                                    f"(mesh axes: {', '.join(mesh.names) or 'none'})")
+            if a in seen:
+                raise StrategyError(f"{at}: axis {a!r} is used twice in 'split'")
+            seen.add(a)
+        out.append(tuple(axes))
+    out += [()] * (ndim - len(out))
+    return tuple(out) if any(out) else ()
+
+
+def _explicit_boxes(raw: object, shape: tuple[int, ...], mesh: Mesh, at: str) -> dict[int, Box]:
+    if not isinstance(raw, dict):
+        raise StrategyError(f"{at}: 'boxes' must map rank -> {{offsets, sizes}}")
+    boxes: dict[int, Box] = {}
+    for key, b in raw.items():
+        try:
+            rank = int(key)
+        except (TypeError, ValueError):
+            raise StrategyError(f"{at}: boxes key {key!r} is not a rank number") from None
+        if not 0 <= rank < mesh.world_size:
+            raise StrategyError(f"{at}: boxes names rank {rank}, outside the mesh's "
+                                f"{mesh.world_size} ranks")
+        if not isinstance(b, dict) or set(b) != {"offsets", "sizes"}:
+            raise StrategyError(f"{at}: box of rank {rank} must have exactly 'offsets' and 'sizes'")
+        offs, sizes = b["offsets"], b["sizes"]
+        if (not isinstance(offs, list) or not isinstance(sizes, list)
+                or len(offs) != len(shape) or len(sizes) != len(shape)):
+            raise StrategyError(f"{at}: box of rank {rank} needs {len(shape)} offsets and sizes")
+        if any(not isinstance(x, int) or x < 0 for x in offs + sizes):
+            raise StrategyError(f"{at}: box of rank {rank} has a negative or non-integer "
+                                f"offset or size: offsets {offs}, sizes {sizes}")
+        box = Box(tuple(offs), tuple(sizes))
+        if not Box.full(shape).contains(box):
+            raise StrategyError(f"{at}: box {box} of rank {rank} lies outside shape {list(shape)}")
+        boxes[rank] = box
+    distinct = sorted({b for b in boxes.values() if not b.is_empty()}, key=lambda b: b.offsets)
+    owner = {b: min(r for r, x in boxes.items() if x == b) for b in distinct}
+    for i, a in enumerate(distinct):
+        for b in distinct[i + 1:]:
+            common = a.intersect(b)
+            if common is not None:
+                raise StrategyError(f"{at}: boxes of rank {owner[a]} {a} and rank {owner[b]} {b} "
+                                    f"overlap in {common}")
+    covered = sum(b.volume for b in distinct)
+    if covered != math.prod(shape):
+        raise StrategyError(f"{at}: boxes leave a gap: they cover {covered} of "
+                            f"{math.prod(shape)} elements")
+    return boxes
+
+
+class _Flow(dict):
+    """A mapping written on one line, in insertion order."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(
+    _Flow, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", list(data.items()),
+                                               flow_style=True))
+
+
+def strategy_to_yaml(strategy: Strategy) -> str:
+    """YAML text; keeps the mesh order (sorting it would renumber every rank)."""
+    doc = strategy.to_dict()
+    doc["tensors"] = {n: _Flow(_flowify(e)) for n, e in doc["tensors"].items()}
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=1 << 20)
+
+
+def _flowify(entry: dict) -> dict:
+    if "boxes" in entry:
+        entry["boxes"] = _Flow({r: _Flow(b) for r, b in entry["boxes"].items()})
+    return entry
+
+
+def read_strategy_yaml(path: str | Path) -> Strategy:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        from ..errors import CheckpointIOError
+        raise CheckpointIOError(f"{path}: cannot read strategy: {e.strerror or e}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise StrategyError(f"{path}: not valid YAML: {e}") from None
+    return strategy_from_dict(doc, where=str(path))
+
+
+def write_strategy_yaml(strategy: Strategy, path: str | Path) -> None:
+    Path(path).write_text(strategy_to_yaml(strategy))

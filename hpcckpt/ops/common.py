@@ -1,0 +1,57 @@
+"""Pieces shared by the distributed-output operations (split, reshard)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import FormatError
+from ..layout.box import Box
+from ..layout.strategy import Strategy
+from ..layout.yaml_io import write_strategy_yaml
+from ..planning.outputs import OutputFile
+from ..planning.sources import SourceIndex
+from ..storage.atomic import atomic_write_json
+from ..storage.manifest import MANIFEST, Manifest, ManifestChunk, ManifestTensor
+
+
+def check_tensors_match(source: SourceIndex, strategy: Strategy, source_desc: str,
+                        strategy_desc: str) -> None:
+    """The strategy must describe exactly the source's tensors, with the same shape and dtype."""
+    for t in strategy.tensors:
+        s = source.tensors.get(t.name)
+        if s is None:
+            raise FormatError(f"tensor {t.name!r} is in {strategy_desc} but not in {source_desc}")
+        if s.shape != t.shape or s.dtype != t.dtype:
+            raise FormatError(f"tensor {t.name!r} is {s.dtype} {list(s.shape)} in {source_desc} but "
+                              f"{t.dtype} {list(t.shape)} in {strategy_desc}")
+    extra = [n for n in source.tensors if n not in strategy]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise FormatError(f"tensor {extra[0]!r}{more} is in {source_desc} but not in {strategy_desc}")
+
+
+def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[tuple[int, int], str],
+                   dedup: bool, prefix: str) -> Manifest:
+    chunks: dict[str, list[ManifestChunk]] = {t.name: [] for t in strategy.tensors}
+    for fi, f in enumerate(files):
+        for ei, e in enumerate(f.entries):
+            chunks[e.name].append(ManifestChunk(e.box, f.path, checksums[(fi, ei)]))
+    tensors = tuple(ManifestTensor(t.name, t.shape, t.dtype, tuple(chunks[t.name]))
+                    for t in strategy.tensors)
+    return Manifest(strategy.world_size, "dedup" if dedup else "full", tensors,
+                    tuple(f.path for f in files), "strategy.yaml", prefix)
+
+
+def commit_distributed(out: str, strategy: Strategy, files: list[OutputFile],
+                       checksums: dict[tuple[int, int], str], dedup: bool, prefix: str,
+                       fsync: bool) -> None:
+    """Rank 0, last: the strategy, then the manifest (its presence means complete)."""
+    for r in range(strategy.world_size):  # ranks holding nothing still get their directory
+        os.makedirs(os.path.join(out, f"rank_{r}"), exist_ok=True)
+    write_strategy_yaml(strategy, Path(out) / "strategy.yaml")
+    manifest = build_manifest(strategy, files, checksums, dedup, prefix)
+    atomic_write_json(Path(out) / MANIFEST, manifest.to_dict(), fsync)
+
+
+def full_box(shape) -> Box:
+    return Box.full(shape)

@@ -1,0 +1,234 @@
+"""Fill output files from a stored source, every rank writing its pieces in place.
+
+The protocol (all steps collective, any rank's failure fails every rank):
+
+1. plan      pieces per rank (pure), already computed by the caller
+2. create    creators make ``<file>.partial`` at full size with its header
+3. copy      each rank reads the source regions of its pieces through a bounded
+             buffer and writes them with positioned writes, hashing whole entries
+4. checksum  entries split across ranks are hashed by one rank after a barrier
+5. commit    partial files are renamed; rank 0 writes the index/manifest last
+
+On failure every rank removes the partial files it created; nothing looks complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import xxhash
+
+from ..comm.wrapper import Comm
+from ..errors import CheckpointIOError, FormatError, RankFailure, UsageError
+from ..layout.box import Box
+from ..planning.outputs import OutputFile, WritePiece
+from ..planning.runs import strided_runs, tile_contiguous
+from ..planning.sources import SourceIndex, TensorInfo
+from ..storage.atomic import partial_name
+from ..storage.chunkio import ChunkReader
+from ..storage.safetensors_io import pread_into, pwrite_all
+from .progress import Progress
+from .result import OpResult
+
+DEFAULT_BUFFER = 64 << 20
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    buffer_size: int = DEFAULT_BUFFER
+    fsync: bool = True
+    dry_run: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def checksum_of(data) -> str:
+    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
+
+
+def prepare_output_dir(comm: Comm, out: str, overwrite: bool, markers: tuple[str, ...]) -> None:
+    """Rank 0 checks/creates OUT. An existing non-empty OUT needs ``overwrite``; its commit
+    markers are removed first so it never looks complete while being rewritten."""
+    with comm.step("prepare output"):
+        if comm.rank == 0:
+            p = Path(out)
+            if p.exists() and not p.is_dir():
+                raise UsageError(f"{out}: exists and is not a directory")
+            if p.exists() and any(p.iterdir()):
+                if not overwrite:
+                    raise UsageError(f"{out}: output directory is not empty "
+                                     "(pass --overwrite to replace it)")
+                for m in markers:
+                    (p / m).unlink(missing_ok=True)
+                shutil.rmtree(p)
+            p.mkdir(parents=True, exist_ok=True)
+
+
+def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
+                files: list[OutputFile], pieces: list[list[WritePiece]],
+                commit: Callable[[dict[tuple[int, int], str]], None], op: str,
+                opts: CopyOptions) -> OpResult:
+    """Run steps 2-5 above. ``commit(checksums)`` runs on rank 0 after every rename."""
+    t0 = time.perf_counter()
+    mine = pieces[comm.rank] if comm.rank < len(pieces) else []
+    written = sum(p.nbytes for p in mine)
+    if opts.dry_run:
+        per_rank = comm.allgather({"rank": comm.rank, "bytes_read": written,
+                                   "bytes_written": written})
+        return OpResult(op, out, len(files), sum(r["bytes_written"] for r in per_rank),
+                        sum(r["bytes_read"] for r in per_rank), time.perf_counter() - t0,
+                        comm.size, tuple(per_rank), dry_run=True)
+    created: list[str] = []
+    reader = ChunkReader(source_root, scratch_bytes=opts.buffer_size)
+    handles: dict[int, int] = {}
+    checksums: dict[tuple[int, int], str] = {}
+    try:
+        with comm.step("create files"):
+            for i, f in enumerate(files):
+                if i % comm.size == comm.rank:
+                    created.append(_create(os.path.join(out, f.path), f))
+        with comm.step("copy"):
+            progress = Progress(written, f"{op} (rank 0)", comm.rank == 0 and opts.progress)
+            buf = np.empty(min(opts.buffer_size, max((p.nbytes for p in mine), default=0)) or 1,
+                           np.uint8)
+            hashers: dict[tuple[int, int], object] = {}
+            for p in mine:
+                f = files[p.file]
+                fd = handles.get(p.file)
+                if fd is None:
+                    fd = handles[p.file] = _open_rw(os.path.join(out, partial_name(f.path)))
+                h = hashers.setdefault((p.file, p.entry), xxhash.xxh3_64()) if p.whole else None
+                _copy_piece(reader, source, f, p, fd, os.path.join(out, f.path), buf, h, progress)
+            for key, h in hashers.items():
+                checksums[key] = "xxh3_64:" + h.hexdigest()
+            if opts.fsync:
+                for i, fd in handles.items():
+                    os.fsync(fd)
+            progress.close()
+        with comm.step("checksum"):
+            for (fi, ei) in _split_entries_owned(pieces, comm.rank):
+                checksums[(fi, ei)] = _hash_entry(os.path.join(out, partial_name(files[fi].path)),
+                                                  files[fi].entries[ei], opts.buffer_size)
+            if comm.rank == 0:
+                for fi, f in enumerate(files):
+                    for ei, e in enumerate(f.entries):
+                        if e.nbytes == 0:
+                            checksums[(fi, ei)] = checksum_of(b"")
+        gathered = comm.gather((checksums, reader.bytes_read))
+        with comm.step("rename"):
+            for path in created:
+                os.replace(path, path[: -len(".partial")])
+            created.clear()
+        with comm.step("commit"):
+            if comm.rank == 0:
+                allsums = {}
+                for sums, _ in gathered:
+                    allsums.update(sums)
+                commit(allsums)
+    except RankFailure:
+        for path in created:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+    finally:
+        reader.close()
+        for fd in handles.values():
+            os.close(fd)
+    per_rank = comm.allgather({"rank": comm.rank, "bytes_read": reader.bytes_read,
+                               "bytes_written": written})
+    seconds = comm.allreduce_max(time.perf_counter() - t0)
+    return OpResult(op, out, len(files), sum(r["bytes_written"] for r in per_rank),
+                    sum(r["bytes_read"] for r in per_rank), seconds, comm.size, tuple(per_rank))
+
+
+def _create(final: str, f: OutputFile) -> str:
+    path = partial_name(final)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as e:
+        raise CheckpointIOError(f"{path}: cannot create: {e.strerror or e}") from None
+    try:
+        os.ftruncate(fd, f.size)
+        pwrite_all(fd, memoryview(f.header), 0, path)
+    except OSError as e:
+        raise CheckpointIOError(f"{path}: cannot size to {f.size} bytes: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return path
+
+
+def _open_rw(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise CheckpointIOError(f"{path}: cannot open for writing: {e.strerror or e}") from None
+
+
+def _copy_piece(reader: ChunkReader, source: SourceIndex, f: OutputFile, p: WritePiece, fd: int,
+                path: str, buf: np.ndarray, hasher, progress: "Progress") -> None:
+    e = f.entries[p.entry]
+    t = TensorInfo(e.name, e.global_shape, e.dtype)
+    isz = e.itemsize
+    cands = source.overlapping(e.name, p.box)
+    strides = _elem_strides(e.box.sizes)
+    for tile_rel in tile_contiguous(p.box.shifted(e.box.offsets), e.box.sizes, isz, len(buf)):
+        tile = Box(tuple(o + b for o, b in zip(tile_rel.offsets, e.box.offsets)), tile_rel.sizes)
+        nbytes = tile.volume * isz
+        covered = 0
+        for chunk, _ in cands:
+            region = chunk.box.intersect(tile)
+            if region is None:
+                continue
+            reader.read(chunk, t, strided_runs(region, chunk.box, tile, isz), buf)
+            covered += region.volume
+        if covered != tile.volume:
+            raise FormatError(f"tensor {e.name!r}: the source does not store all of {tile} "
+                              f"(covers {covered} of {tile.volume} elements) for {f.path}")
+        view = memoryview(buf)[:nbytes]
+        if hasher is not None:
+            hasher.update(view)
+        offset = e.begin + sum(o * s for o, s in zip(tile_rel.offsets, strides)) * isz
+        pwrite_all(fd, view, offset, path)
+        progress.update(nbytes)
+
+
+def _elem_strides(sizes):
+    out, acc = [], 1
+    for s in reversed(sizes):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
+
+
+def _split_entries_owned(pieces: list[list[WritePiece]], rank: int) -> list[tuple[int, int]]:
+    """Entries written by several ranks that ``rank`` must hash (lowest writing rank)."""
+    owner: dict[tuple[int, int], int] = {}
+    for r, ps in enumerate(pieces):
+        for p in ps:
+            if not p.whole:
+                owner.setdefault((p.file, p.entry), r)
+    return [k for k, r in owner.items() if r == rank]
+
+
+def _hash_entry(path: str, e, buffer_size: int) -> str:
+    h = xxhash.xxh3_64()
+    buf = np.empty(min(buffer_size, e.nbytes) or 1, np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = e.begin
+        while pos < e.end:
+            n = min(len(buf), e.end - pos)
+            pread_into(fd, memoryview(buf)[:n], pos, path)
+            h.update(memoryview(buf)[:n])
+            pos += n
+    finally:
+        os.close(fd)
+    return "xxh3_64:" + h.hexdigest()

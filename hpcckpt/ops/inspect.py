@@ -1,0 +1,62 @@
+"""inspect: what a checkpoint or a strategy holds."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from ..errors import HpcckptError
+from ..layout.loader import load_strategy
+from ..layout.strategy import Strategy
+from ..storage.inputs import open_input
+from ..storage.manifest import MANIFEST
+
+
+def describe_strategy(s: Strategy) -> dict:
+    per_rank = [s.rank_bytes(r) for r in range(s.world_size)]
+    return {"kind": "strategy", "mesh": s.mesh.to_dict(), "world_size": s.world_size,
+            "tensors": len(s.tensors), "unique_bytes": s.unique_bytes,
+            "stored_bytes_full": sum(per_rank),
+            "rank_bytes_min": min(per_rank), "rank_bytes_max": max(per_rank),
+            "dtypes": dict(Counter(t.dtype for t in s.tensors))}
+
+
+def describe_path(path: str, strategy: Strategy | None = None, list_tensors: bool = False) -> dict:
+    p = Path(path)
+    if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json"):
+        return describe_strategy(load_strategy(p))
+    complete_marker = True
+    problems = []
+    try:
+        inp = open_input(p, strategy)
+    except HpcckptError as e:
+        if p.is_dir() and not (p / MANIFEST).exists() and (p / "strategy.yaml").exists():
+            return {"kind": "distributed", "path": str(p), "complete": False,
+                    "problem": f"no {MANIFEST}: the write did not finish"}
+        raise
+    src = inp.source
+    out = {"kind": inp.kind, "path": str(p), "description": inp.description,
+           "tensors": len(src.tensors), "unique_bytes": src.unique_bytes,
+           "files": len(inp.files),
+           "dtypes": dict(Counter(t.dtype for t in src.tensors.values()))}
+    stored = 0
+    for f in inp.files:
+        fp = os.path.join(inp.root, f)
+        if not os.path.exists(fp):
+            problems.append(f"missing file {f}")
+        else:
+            stored += os.path.getsize(fp)
+    out["stored_bytes"] = stored
+    if inp.kind == "distributed":
+        out.update({"world_size": inp.manifest.world_size if inp.manifest else
+                    inp.strategy.world_size, "redundancy": src.redundancy,
+                    "manifest": inp.manifest is not None})
+        if inp.strategy is not None:
+            out["mesh"] = inp.strategy.mesh.to_dict()
+    out["complete"] = complete_marker and not problems
+    if problems:
+        out["problems"] = problems
+    if list_tensors:
+        out["tensor_list"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+                               "chunks": len(src.chunks(t.name))} for t in src.tensors.values()]
+    return out

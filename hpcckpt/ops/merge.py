@@ -1,0 +1,75 @@
+"""merge: a distributed checkpoint (full or de-duplicated) -> complete weights."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..comm.wrapper import Comm, as_comm
+from ..errors import UsageError
+from ..layout.strategy import Strategy
+from ..planning.outputs import OutputFile, divide_writes, hf_files, hf_index
+from ..storage.atomic import atomic_write_bytes, atomic_write_json
+from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input
+from ..storage.safetensors_io import build_header
+from .filecopy import CopyOptions, prepare_output_dir, write_files
+from .result import OpResult
+
+
+def merge(dist: str, out: str, *, strategy: Strategy | None = None,
+          max_shard_size: int = 5_000_000_000, exclude_prefixes: tuple[str, ...] = (),
+          file_suffix: str = "", layout: str = "hf", comm=None,
+          options: CopyOptions = CopyOptions()) -> OpResult:
+    """Write complete weights: HF shards + index, or MindSpore's part files + name map.
+
+    The output bytes are divided evenly among the job's ranks; one tensor may be written
+    by several ranks.
+    """
+    comm: Comm = as_comm(comm)
+    if layout not in ("hf", "ms"):
+        raise UsageError(f"--layout must be hf or ms, not {layout!r}")
+    with comm.step("plan"):
+        inp = open_input(dist, strategy)
+        tensors = [t for t in inp.source.tensors.values()
+                   if not any(t.name.startswith(p) for p in exclude_prefixes)]
+        if not tensors:
+            raise UsageError(f"{dist}: no tensor left to merge after --exclude-prefix")
+        files = hf_files(tensors, max_shard_size, file_suffix, layout)
+        pieces = divide_writes(files, comm.size)
+    markers = (HF_INDEX, MS_NAME_MAP) + tuple(f.path for f in files)
+    if not options.dry_run:
+        prepare_output_dir(comm, out, options.overwrite, markers)
+
+    def commit(checksums):
+        _commit_complete(out, files, layout, inp.root, options.fsync)
+
+    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "merge", options)
+    result.extra.update({"layout": layout, "tensors": len(tensors),
+                         "shards": [f.path for f in files]})
+    return result
+
+
+def _commit_complete(out: str, files: list[OutputFile], layout: str, src_root: str,
+                     fsync: bool) -> None:
+    if layout == "ms":
+        _write_hyper_params(out, src_root, fsync)
+        atomic_write_json(Path(out) / MS_NAME_MAP,
+                          {e.name: f.path for f in files for e in f.entries}, fsync)
+    elif len(files) > 1:
+        atomic_write_json(Path(out) / HF_INDEX, hf_index(files), fsync)
+
+
+def _write_hyper_params(out: str, src_root: str, fsync: bool) -> None:
+    """MindSpore keeps epoch/step beside the merged parts; take them from rank_0/meta.json."""
+    meta_path = Path(src_root) / "rank_0" / "meta.json"
+    epoch = step = 0
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            epoch, step = int(meta.get("last_epoch", 0)), int(meta.get("last_step", 0))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            pass
+    import numpy as np
+    head, _ = build_header([("epoch_num", "I64", ()), ("step_num", "I64", ())], {"format": "ms"})
+    data = np.array([epoch, step], "<i8").tobytes()
+    atomic_write_bytes(os.path.join(out, "hyper_param.safetensors"), head + data, fsync)

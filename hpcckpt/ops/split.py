@@ -1,0 +1,35 @@
+"""split: complete weights -> a distributed checkpoint under a strategy."""
+from __future__ import annotations
+
+from ..comm.wrapper import Comm, as_comm
+from ..layout.strategy import Strategy
+from ..planning.assign import dedup_assignment
+from ..planning.outputs import divide_writes, rank_files
+from ..storage.inputs import open_input
+from ..storage.manifest import MANIFEST
+from .common import check_tensors_match, commit_distributed
+from .filecopy import CopyOptions, prepare_output_dir, write_files
+from .result import OpResult
+
+
+def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
+          prefix: str = "model", comm=None, options: CopyOptions = CopyOptions()) -> OpResult:
+    """Write ``OUT/rank_<r>/{prefix}_rank_<r>.safetensors`` + strategy.yaml + manifest.json.
+
+    Any job size works with any strategy world size: the job's ranks share the writing.
+    """
+    comm: Comm = as_comm(comm)
+    with comm.step("plan"):
+        inp = open_input(complete)
+        check_tensors_match(inp.source, strategy, str(complete), "the strategy")
+        files = rank_files(strategy, prefix, dedup_assignment(strategy) if dedup else None)
+        pieces = divide_writes(files, comm.size)
+    if not options.dry_run:
+        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,))
+
+    def commit(checksums):
+        commit_distributed(out, strategy, files, checksums, dedup, prefix, options.fsync)
+
+    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "split", options)
+    result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup})
+    return result

@@ -1,0 +1,187 @@
+"""Output files, laid out completely before a byte is written.
+
+Every output file's header (and so every tensor's byte offsets) is computed here, up
+front, so that any number of ranks can fill one file concurrently with positioned
+writes, and so that ``--dry-run`` knows every byte without touching the disk.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..dtypes import itemsize
+from ..layout.box import Box
+from ..layout.strategy import Strategy
+from ..storage.safetensors_io import build_header
+from .assign import balanced_cuts
+from .runs import flat_range_to_boxes
+from .sources import TensorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class OutputEntry:
+    """One stored box of a tensor in an output file."""
+
+    name: str
+    dtype: str
+    box: Box                    #: global region stored (the full box for complete weights)
+    global_shape: tuple[int, ...]
+    begin: int                  #: absolute file offset of the first byte
+    end: int
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    path: str                   #: relative to the output root
+    header: bytes
+    entries: tuple[OutputEntry, ...]
+    rank: int | None = None     #: strategy rank whose file this is (distributed outputs)
+
+    @property
+    def size(self) -> int:
+        return self.entries[-1].end if self.entries else len(self.header)
+
+    @property
+    def data_bytes(self) -> int:
+        return self.size - len(self.header)
+
+
+def make_file(path: str, records: Iterable[tuple[str, str, Box, tuple[int, ...]]],
+              metadata: dict[str, str] | None = None, rank: int | None = None) -> OutputFile:
+    """Lay out one file: records are (tensor, dtype, stored box, global shape), in order."""
+    records = list(records)
+    head, spans = build_header(((n, dt, box.sizes) for n, dt, box, _ in records), metadata)
+    entries = tuple(OutputEntry(n, dt, box, gshape, *spans[n]) for n, dt, box, gshape in records)
+    return OutputFile(path, head, entries, rank)
+
+
+# ---- complete (unified) weights -------------------------------------------------
+def hf_files(tensors: list[TensorInfo], max_shard_size: int, suffix: str = "",
+             layout: str = "hf", metadata: dict[str, str] | None = None) -> list[OutputFile]:
+    """Shards of at most ``max_shard_size`` data bytes (a bigger tensor gets its own shard).
+
+    ``layout="hf"``: ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``;
+    ``layout="ms"``: MindSpore's ``part<i>.safetensors``.
+    """
+    groups: list[list[TensorInfo]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    sfx = f"_{suffix}" if suffix else ""
+    files = []
+    for i, g in enumerate(groups):
+        if layout == "ms":
+            name = f"part{i}{sfx}.safetensors"
+        elif n == 1:
+            name = f"model{sfx}.safetensors"
+        else:
+            name = f"model-{i + 1:05d}-of-{n:05d}{sfx}.safetensors"
+        files.append(make_file(name, ((t.name, t.dtype, Box.full(t.shape), t.shape) for t in g),
+                               metadata or {"format": "pt"}))
+    return files
+
+
+def hf_index(files: list[OutputFile]) -> dict:
+    """``model.safetensors.index.json`` content for the shards."""
+    return {"metadata": {"total_size": sum(f.data_bytes for f in files)},
+            "weight_map": {e.name: f.path for f in files for e in f.entries}}
+
+
+# ---- distributed weights -----------------------------------------------------------
+def rank_file_name(prefix: str, rank: int) -> str:
+    return f"rank_{rank}/{prefix}_rank_{rank}.safetensors"
+
+
+def rank_file(strategy: Strategy, prefix: str, rank: int,
+              dedup: dict[tuple[str, Box], int] | None = None) -> OutputFile:
+    """Rank ``rank``'s file: its boxes (with ``dedup``, only those assigned to it)."""
+    records = []
+    for t, box in strategy.rank_boxes(rank):
+        if dedup is not None and (box.volume == 0 or dedup.get((t.name, box)) != rank):
+            continue
+        records.append((t.name, t.dtype, box, t.shape))
+    desc = {n: {"shape": list(g), "offsets": list(b.offsets)} for n, _, b, g in records}
+    meta = {"format": "ms", "remove_redundancy": "True" if dedup is not None else "False",
+            "hpcckpt": json.dumps(desc, separators=(",", ":"))}
+    return make_file(rank_file_name(prefix, rank), records, meta, rank)
+
+
+def rank_files(strategy: Strategy, prefix: str,
+               dedup: dict[tuple[str, Box], int] | None = None) -> list[OutputFile]:
+    return [rank_file(strategy, prefix, r, dedup) for r in range(strategy.world_size)]
+
+
+# ---- who writes what ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class WritePiece:
+    """A contiguous part of one output entry, written by one rank."""
+
+    file: int        #: index into the file list
+    entry: int       #: index into that file's entries
+    box: Box         #: global coordinates; contiguous in the entry's storage
+    nbytes: int
+    whole: bool      #: the piece is the whole entry (its writer can checksum it in passing)
+
+
+def divide_writes(files: list[OutputFile], world: int) -> list[list[WritePiece]]:
+    """Every rank's pieces: bytes balanced across ranks, one large tensor may be shared.
+
+    When there is exactly one file per rank (split/reshard at the strategy's world size),
+    rank r writes file r: each rank owns its shard.
+    """
+    pieces: list[list[WritePiece]] = [[] for _ in range(world)]
+    if len(files) == world and all(f.rank == i for i, f in enumerate(files)):
+        for i, f in enumerate(files):
+            for j, e in enumerate(f.entries):
+                if e.nbytes:
+                    pieces[i].append(WritePiece(i, j, e.box, e.nbytes, True))
+        return pieces
+    starts, flat = [], []
+    pos = 0
+    for i, f in enumerate(files):
+        for j, e in enumerate(f.entries):
+            if e.nbytes:
+                starts.append(pos)
+                flat.append((i, j, e, pos))
+                pos += e.nbytes
+    total = pos
+    cuts = balanced_cuts(starts, total, world)
+    # align every cut to an element boundary of the entry it falls in
+    import bisect
+    for r in range(1, world):
+        k = bisect.bisect_right(starts, cuts[r]) - 1
+        if k >= 0:
+            e0 = flat[k][3]
+            isz = flat[k][2].itemsize
+            cuts[r] = max(cuts[r - 1], e0 + (cuts[r] - e0) // isz * isz)
+    for r in range(world):
+        a, b = cuts[r], cuts[r + 1]
+        if a >= b:
+            continue
+        k = max(0, bisect.bisect_right(starts, a) - 1)
+        while k < len(flat) and flat[k][3] < b:
+            i, j, e, e0 = flat[k]
+            lo, hi = max(a, e0) - e0, min(b, e0 + e.nbytes) - e0
+            if lo < hi:
+                isz = e.itemsize
+                whole = lo == 0 and hi == e.nbytes
+                for sub in flat_range_to_boxes(e.box.sizes, lo // isz, hi // isz):
+                    g = Box(tuple(o + s for o, s in zip(sub.offsets, e.box.offsets)), sub.sizes)
+                    pieces[r].append(WritePiece(i, j, g, sub.volume * isz, whole))
+            k += 1
+    return pieces

@@ -1,0 +1,137 @@
+"""What a checkpoint stores: for every tensor, its distinct boxes and the files holding each.
+
+Pure: built from parsed headers, a manifest, or a strategy; never opens files itself.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+from ..dtypes import itemsize
+from ..errors import FormatError
+from ..layout.box import Box
+from ..layout.strategy import Strategy
+
+_RANK_DIR = re.compile(r"^rank_(\d+)/")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class SourceChunk:
+    """One distinct stored box of a tensor and every file (relative path) holding a copy."""
+
+    box: Box
+    files: tuple[str, ...]
+
+    def rank_dirs(self) -> tuple[int | None, ...]:
+        """The ``rank_<r>`` directory of each file (None for files outside rank dirs)."""
+        return tuple(rank_dir_of(f) for f in self.files)
+
+
+def rank_dir_of(rel_path: str) -> int | None:
+    m = _RANK_DIR.match(rel_path)
+    return int(m.group(1)) if m else None
+
+
+class SourceIndex:
+    """Tensors and their stored chunks; chunks may be computed lazily per tensor."""
+
+    def __init__(self, tensors: Iterable[TensorInfo],
+                 chunks: Mapping[str, list[SourceChunk]] | Callable[[str], list[SourceChunk]],
+                 redundancy: str = "full"):
+        self.tensors: dict[str, TensorInfo] = {t.name: t for t in tensors}
+        self._chunks = chunks if callable(chunks) else dict(chunks).__getitem__
+        self._cache: dict[str, list[SourceChunk]] = {}
+        self.redundancy = redundancy
+
+    def chunks(self, name: str) -> list[SourceChunk]:
+        got = self._cache.get(name)
+        if got is None:
+            got = self._cache[name] = self._chunks(name)
+        return got
+
+    def overlapping(self, name: str, box: Box) -> list[tuple[SourceChunk, Box]]:
+        """Stored chunks of ``name`` meeting ``box``, with the common region."""
+        out = []
+        for c in self.chunks(name):
+            common = c.box.intersect(box)
+            if common is not None:
+                out.append((c, common))
+        return out
+
+    @property
+    def unique_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def check_complete(self, where: str) -> None:
+        """Every element of every tensor is stored somewhere, and chunks do not overlap."""
+        for name, t in self.tensors.items():
+            chunks = self.chunks(name)
+            full = Box.full(t.shape)
+            for c in chunks:
+                if not full.contains(c.box):
+                    raise FormatError(f"{where}: tensor {name!r} chunk {c.box} in {c.files[0]} lies "
+                                      f"outside shape {list(t.shape)}")
+            for i, a in enumerate(chunks):
+                for b in chunks[i + 1:]:
+                    common = a.box.intersect(b.box)
+                    if common is not None:
+                        raise FormatError(f"{where}: tensor {name!r} chunks {a.box} ({a.files[0]}) "
+                                          f"and {b.box} ({b.files[0]}) overlap in {common}")
+            have = sum(c.box.volume for c in chunks)
+            if have != math.prod(t.shape):
+                raise FormatError(f"{where}: tensor {name!r} is incomplete: stored chunks cover "
+                                  f"{have} of {math.prod(t.shape)} elements")
+
+
+def group_chunks(entries: Iterable[tuple[str, Box, str]]) -> dict[str, list[SourceChunk]]:
+    """(tensor, box, file) records -> distinct chunks with their replica files, in order."""
+    groups: dict[str, dict[Box, list[str]]] = {}
+    for name, box, f in entries:
+        if box.volume == 0:
+            groups.setdefault(name, {})
+            continue
+        groups.setdefault(name, {}).setdefault(box, []).append(f)
+    return {n: [SourceChunk(b, tuple(sorted(fs, key=_file_order))) for b, fs in g.items()]
+            for n, g in groups.items()}
+
+
+def _file_order(rel: str):
+    r = rank_dir_of(rel)
+    return (r if r is not None else -1, rel)
+
+
+def strategy_source(strategy: Strategy, file_of_rank: Callable[[int], str],
+                    holds: Callable[[int, str], bool] | None = None) -> SourceIndex:
+    """A source laid out by ``strategy``: rank r's file holds its boxes.
+
+    ``holds(rank, tensor)`` says whether the rank's file really stores the tensor (for
+    de-duplicated files); by default every rank stores all of its boxes. Chunks are
+    computed per tensor on first use, so a 1024-rank strategy costs nothing up front.
+    """
+    def chunks(name: str) -> list[SourceChunk]:
+        out = []
+        for box, ranks in strategy.chunks(name):
+            files = tuple(file_of_rank(r) for r in ranks if holds is None or holds(r, name))
+            if files:
+                out.append(SourceChunk(box, files))
+        return out
+
+    tensors = [TensorInfo(t.name, t.shape, t.dtype) for t in strategy.tensors]
+    return SourceIndex(tensors, chunks)

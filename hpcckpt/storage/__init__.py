@@ -1,0 +1,1 @@
+"""Storage: safetensors headers, positioned I/O, atomic commit, manifests, inputs."""

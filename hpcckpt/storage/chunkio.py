@@ -1,0 +1,157 @@
+"""Execute byte runs: positioned reads from stored chunks, writes into outputs or memory.
+
+Dumb on purpose: given ``StridedRuns`` from the planner, copy exactly those bytes. Reads
+of many small runs become one read of their span plus a numpy strided copy when the
+span is dense; writes of many small runs into a file go through a short-lived memory
+map of the span, so nothing larger than the span window is ever resident.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ..errors import FormatError
+from ..layout.box import Box
+from ..planning.runs import StridedRuns
+from ..planning.sources import SourceChunk, TensorInfo
+from .safetensors_io import FileHandles, SafetensorsHeader, pread_into, pwrite_all, read_header
+
+PAGE = mmap.ALLOCATIONGRANULARITY
+SMALL_RUN = 256 << 10
+
+
+def strided_view(buf: np.ndarray, base: int, length: int, counts, strides) -> np.ndarray:
+    """A (counts..., length) uint8 view of ``buf`` starting at ``base``."""
+    return as_strided(buf[base:], shape=(*counts, length), strides=(*strides, 1), writeable=True)
+
+
+def copy_runs(sr: StridedRuns, src: np.ndarray, src_base: int, dst: np.ndarray, dst_base: int) -> None:
+    """Copy ``sr`` between two uint8 buffers (offsets in ``sr`` are relative to the bases)."""
+    if sr.length == 0:
+        return
+    lo, hi = sr.src_span()
+    dlo, dhi = sr.dst_span()
+    assert src_base + hi <= len(src) and dst_base + dhi <= len(dst), (sr, len(src), len(dst))
+    if not sr.counts:
+        dst[dst_base + dlo:dst_base + dhi] = src[src_base + lo:src_base + hi]
+        return
+    d = strided_view(dst, dst_base + sr.dst_start, sr.length, sr.counts, sr.dst_strides)
+    s = strided_view(src, src_base + sr.src_start, sr.length, sr.counts, sr.src_strides)
+    d[...] = s
+
+
+def slabs(sr: StridedRuns, max_span: int) -> list[StridedRuns]:
+    """Split ``sr`` along its outer grid dimensions so each part's source span fits."""
+    lo, hi = sr.src_span()
+    if hi - lo <= max_span or not sr.counts:
+        return [sr]
+    c0, s0, d0 = sr.counts[0], sr.src_strides[0], sr.dst_strides[0]
+    rest = (sr.counts[1:], sr.src_strides[1:], sr.dst_strides[1:])
+    ilo, ihi = StridedRuns(sr.src_start, sr.dst_start, sr.length, *rest).src_span()
+    inner = ihi - ilo
+    if inner <= max_span:
+        per = max(1, (max_span - inner) // max(1, s0) + 1)
+        return [StridedRuns(sr.src_start + i * s0, sr.dst_start + i * d0, sr.length,
+                            (min(per, c0 - i), *sr.counts[1:]), sr.src_strides, sr.dst_strides)
+                for i in range(0, c0, per)]
+    out = []
+    for i in range(c0):
+        out.extend(slabs(StridedRuns(sr.src_start + i * s0, sr.dst_start + i * d0, sr.length,
+                                     *rest), max_span))
+    return out
+
+
+class ChunkReader:
+    """Reads stored chunks from files under ``root``; validates each header entry once."""
+
+    def __init__(self, root: str, scratch_bytes: int = 16 << 20):
+        self.root = root
+        self.handles = FileHandles()
+        self.headers: dict[str, SafetensorsHeader] = {}
+        self.scratch = np.empty(max(1 << 16, scratch_bytes), np.uint8)
+        self.bytes_read = 0
+        self._begins: dict[tuple[str, str], int] = {}
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def begin(self, rel: str, t: TensorInfo, chunk_box: Box) -> int:
+        key = (rel, t.name)
+        got = self._begins.get(key)
+        if got is None:
+            h = self.headers.get(rel)
+            if h is None:
+                h = self.headers[rel] = read_header(self.path(rel))
+            e = h.entry(t.name)
+            if e.dtype != t.dtype or e.shape != chunk_box.sizes:
+                raise FormatError(f"{h.path}: tensor {t.name!r} is {e.dtype} {list(e.shape)} but "
+                                  f"the checkpoint says its chunk {chunk_box} is {t.dtype} "
+                                  f"{list(chunk_box.sizes)}")
+            got = self._begins[key] = e.begin
+        return got
+
+    def read(self, chunk: SourceChunk, t: TensorInfo, sr: StridedRuns, out: np.ndarray,
+             out_base: int = 0, replica: int = 0) -> None:
+        """Copy ``sr`` (source offsets relative to the tensor's stored data) into ``out``."""
+        if sr.length == 0:
+            return
+        rel = chunk.files[replica]
+        begin = self.begin(rel, t, chunk.box)
+        fd = self.handles.get(self.path(rel))
+        path = self.path(rel)
+        self.bytes_read += sr.nbytes
+        cap = len(self.scratch)
+        for part in slabs(sr, cap):
+            lo, hi = part.src_span()
+            if not part.counts:
+                dlo = out_base + part.dst_start
+                pread_into(fd, memoryview(out)[dlo:dlo + part.length], begin + lo, path)
+            elif hi - lo <= 2 * part.nbytes or part.length < SMALL_RUN:
+                pread_into(fd, memoryview(self.scratch)[:hi - lo], begin + lo, path)
+                copy_runs(StridedRuns(part.src_start - lo, part.dst_start, part.length,
+                                      part.counts, part.src_strides, part.dst_strides),
+                          self.scratch, 0, out, out_base)
+            else:
+                for run in part.runs():
+                    dlo = out_base + run.dst_offset
+                    pread_into(fd, memoryview(out)[dlo:dlo + run.length], begin + run.src_offset, path)
+
+    def close(self) -> None:
+        self.handles.close()
+
+
+def write_runs_to_file(fd: int, path: str, begin: int, sr: StridedRuns, src: np.ndarray,
+                       src_base: int = 0, max_window: int = 64 << 20) -> None:
+    """Scatter ``sr`` from memory into a file (destination offsets relative to ``begin``)."""
+    if sr.length == 0:
+        return
+    if not sr.counts:
+        s = src_base + sr.src_start
+        pwrite_all(fd, memoryview(src)[s:s + sr.length], begin + sr.dst_start, path)
+        return
+    if sr.length >= SMALL_RUN:
+        for run in sr.runs():
+            s = src_base + run.src_offset
+            pwrite_all(fd, memoryview(src)[s:s + run.length], begin + run.dst_offset, path)
+        return
+    # many small runs: map the destination span window and scatter with numpy
+    flipped = StridedRuns(sr.dst_start, sr.src_start, sr.length, sr.counts,
+                          sr.dst_strides, sr.src_strides)
+    for part in slabs(flipped, max_window):
+        lo, hi = part.src_span()  # destination span (flipped)
+        start = begin + lo
+        aligned = start - start % PAGE
+        length = begin + hi - aligned
+        mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=aligned)
+        try:
+            view = np.frombuffer(mm, np.uint8)
+            back = StridedRuns(part.dst_start, part.src_start - lo + (start - aligned), part.length,
+                               part.counts, part.dst_strides, part.src_strides)
+            copy_runs(back, src, src_base, view, 0)
+            del view
+        finally:
+            mm.close()

@@ -1,0 +1,175 @@
+"""Recognise an input checkpoint and describe what it stores (a SourceIndex).
+
+Kinds (SPEC 2): complete weights (HF directory with index, a directory with
+``model.safetensors``, a single ``.safetensors`` file, MindSpore's merged layout with
+``param_name_map.json``), and distributed checkpoints (``rank_<r>/`` directories with a
+``manifest.json``; without one, only given a strategy).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointIOError, FormatError, UsageError
+from ..layout.box import Box
+from ..layout.strategy import Strategy
+from ..planning.sources import SourceIndex, TensorInfo, group_chunks, strategy_source
+from .manifest import MANIFEST, Manifest, read_manifest
+from .safetensors_io import SafetensorsHeader, read_header, safe_join
+
+HF_INDEX = "model.safetensors.index.json"
+MS_NAME_MAP = "param_name_map.json"
+_RANK_DIR = re.compile(r"^rank_(\d+)$")
+
+
+@dataclass(frozen=True)
+class InputCheckpoint:
+    """A recognised input. ``root`` is the directory file paths are relative to."""
+
+    kind: str                      #: "complete" or "distributed"
+    root: str
+    source: SourceIndex
+    files: tuple[str, ...]         #: every data file, relative to root
+    manifest: Manifest | None = None
+    strategy: Strategy | None = None
+    description: str = ""
+
+
+def rank_dirs(root: str | Path) -> dict[int, Path]:
+    root = Path(root)
+    out = {}
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _RANK_DIR.match(p.name)
+            if m and p.is_dir():
+                out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
+
+
+def is_distributed(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / MANIFEST).exists() or bool(rank_dirs(path)))
+
+
+def open_input(path: str | Path, strategy: Strategy | None = None,
+               read_headers: bool = True) -> InputCheckpoint:
+    """Recognise ``path``. Complete inputs read every header (there are few files);
+    distributed inputs with a manifest read none (the manifest says everything)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointIOError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise FormatError(f"{path}: not a .safetensors file")
+        return _complete(path.parent, [path.name], f"single file {path.name}")
+    if (path / MANIFEST).exists():
+        return _distributed_from_manifest(path, strategy)
+    if rank_dirs(path):
+        if strategy is None:
+            raise FormatError(f"{path}: distributed checkpoint has no {MANIFEST} (an unfinished "
+                              "write, or written by another tool); pass --strategy to read it")
+        return _distributed_from_strategy(path, strategy)
+    if (path / HF_INDEX).exists():
+        idx_path = path / HF_INDEX
+        try:
+            idx = json.loads(idx_path.read_text())
+            weight_map = idx["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, AssertionError, TypeError) as e:
+            raise FormatError(f"{idx_path}: not a valid index ({type(e).__name__}: {e})") from None
+        files = list(dict.fromkeys(weight_map.values()))
+        for f in files:
+            safe_join(path, f, str(idx_path))
+        return _complete(path, files, f"HF index with {len(files)} shard(s)", weight_map, idx_path)
+    if (path / MS_NAME_MAP).exists():
+        try:
+            name_map = json.loads((path / MS_NAME_MAP).read_text())
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path / MS_NAME_MAP}: not valid JSON: {e}") from None
+        files = list(dict.fromkeys(name_map.values()))
+        for f in files:
+            safe_join(path, f, str(path / MS_NAME_MAP))
+        return _complete(path, files, "MindSpore merged layout", name_map, path / MS_NAME_MAP)
+    files = sorted(p.name for p in path.glob("*.safetensors") if not p.name.endswith(".partial"))
+    if not files:
+        raise FormatError(f"{path}: no safetensors checkpoint here (no {HF_INDEX}, {MANIFEST}, "
+                          "rank_<r>/ directories or .safetensors files)")
+    return _complete(path, files, f"{len(files)} safetensors file(s)")
+
+
+def _complete(root: Path, files: list[str], desc: str, weight_map: dict | None = None,
+              index_path: Path | None = None) -> InputCheckpoint:
+    tensors: dict[str, TensorInfo] = {}
+    entries = []
+    for f in files:
+        h = read_header(root / f)
+        for name, e in h.tensors.items():
+            if weight_map is not None and weight_map.get(name) != f:
+                continue  # the index is authoritative about where a tensor lives
+            if name in tensors:
+                raise FormatError(f"{root}: tensor {name!r} is stored twice ({f} and another file)")
+            tensors[name] = TensorInfo(name, e.shape, e.dtype)
+            entries.append((name, Box.full(e.shape), f))
+    if weight_map is not None:
+        missing = [n for n in weight_map if n not in tensors]
+        if missing:
+            raise FormatError(f"{index_path}: tensor {missing[0]!r} is mapped to "
+                              f"{weight_map[missing[0]]} but that file does not hold it")
+    source = SourceIndex(tensors.values(), group_chunks(entries))
+    return InputCheckpoint("complete", str(root), source, tuple(files), description=desc)
+
+
+def _distributed_from_manifest(root: Path, strategy: Strategy | None) -> InputCheckpoint:
+    m = read_manifest(root)
+    where = str(root / MANIFEST)
+    entries = []
+    for t in m.tensors:
+        for c in t.chunks:
+            safe_join(root, c.file, where)
+            entries.append((t.name, c.box, c.file))
+    grouped = group_chunks(entries)
+    tensors = [TensorInfo(t.name, t.shape, t.dtype) for t in m.tensors]
+    source = SourceIndex(tensors, {t.name: grouped.get(t.name, []) for t in m.tensors},
+                         redundancy=m.redundancy)
+    source.check_complete(where)
+    saved = None
+    if (root / m.strategy).exists():
+        from ..layout.loader import load_strategy
+        saved = load_strategy(root / m.strategy)
+    return InputCheckpoint("distributed", str(root), source, m.files, m, strategy or saved,
+                           f"distributed, {m.world_size} ranks, redundancy {m.redundancy}")
+
+
+def _distributed_from_strategy(root: Path, strategy: Strategy) -> InputCheckpoint:
+    """No manifest (e.g. MindSpore output): rank r's only/latest file holds its boxes;
+    headers say which tensors each file really stores (de-duplicated saves)."""
+    dirs = rank_dirs(root)
+    files: dict[int, str] = {}
+    headers: dict[int, SafetensorsHeader] = {}
+    for r in range(strategy.world_size):
+        if r not in dirs:
+            raise FormatError(f"{root}: rank_{r}/ is missing (strategy has "
+                              f"{strategy.world_size} ranks)")
+        cands = sorted(p for p in dirs[r].glob("*.safetensors"))
+        if not cands:
+            raise FormatError(f"{dirs[r]}: no .safetensors file for rank {r}")
+        latest = max(cands, key=lambda p: (p.stat().st_mtime, p.name))
+        files[r] = f"rank_{r}/{latest.name}"
+        headers[r] = read_header(latest)
+    source = strategy_source(strategy, files.__getitem__,
+                             holds=lambda r, name: name in headers[r].tensors)
+    source.check_complete(str(root))
+    redundancy = "dedup" if any(h.metadata.get("remove_redundancy") == "True"
+                                for h in headers.values()) else "full"
+    source.redundancy = redundancy
+    return InputCheckpoint("distributed", str(root), source, tuple(files.values()), None, strategy,
+                           f"distributed without manifest, {strategy.world_size} ranks")
+
+
+def require_strategy(inp: InputCheckpoint, given: Strategy | None, what: str) -> Strategy:
+    s = given or inp.strategy
+    if s is None:
+        raise UsageError(f"{inp.root}: {what} needs --strategy")
+    return s

@@ -1,0 +1,175 @@
+"""Test helpers shared by serial and MPI tests.
+
+    from helpers import run_cli, make_tensors, assert_bytes_equal
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+# safetensors dtype name -> numpy dtype
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+
+# Environment variables that would make a child process believe it belongs to the
+# parent's MPI job (or to the surrounding SLURM allocation).
+_STRIP_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "OMPI_", "SLURM_")
+_STRIP_NAMES = {"MPI_LOCALNRANKS", "MPI_LOCALRANKID"}
+
+
+def find_mpiexec() -> str:
+    """mpiexec next to the running interpreter (the mpich wheel's), else on PATH."""
+    cand = Path(sys.executable).parent / "mpiexec"
+    if cand.exists() and os.access(cand, os.X_OK):
+        return str(cand)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise RuntimeError("no mpiexec next to the Python interpreter nor on PATH")
+    return found
+
+
+def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """os.environ without MPI/SLURM job variables, then ``env`` applied on top
+    (so variables passed explicitly, e.g. SLURM_NTASKS, are kept)."""
+    out = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_STRIP_PREFIXES) and k not in _STRIP_NAMES
+    }
+    if env:
+        out.update(env)
+    return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+
+
+def run_cli(
+    args: Sequence[str] | str,
+    n: int | None = None,
+    timeout: float = 120,
+    cwd: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m hpcckpt ARGS`` (under ``mpiexec -n n`` when ``n`` is given).
+
+    Returns a CompletedProcess with text stdout/stderr; does not check the exit code.
+    On timeout the whole process group is killed and AssertionError is raised.
+    """
+    if isinstance(args, str):
+        args = shlex.split(args)
+    args = [os.fspath(a) for a in args]
+    cmd = [sys.executable, "-m", "hpcckpt", *args]
+    if n is not None:
+        cmd = [find_mpiexec(), "-n", str(int(n)), *cmd]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=clean_env(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
+        raise AssertionError(
+            f"command timed out after {timeout:g} s: {shlex.join(cmd)}\n"
+            f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
+        ) from None
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def make_tensors(
+    spec: Mapping[str, tuple[Sequence[int], str]], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Deterministic random tensors: ``{name: (shape, dtype_name)}`` -> ``{name: array}``.
+
+    Contents are random bytes viewed as the dtype, so every bit pattern (NaNs, infs,
+    subnormals, negative zero) occurs; BOOL tensors hold 0/1.  A tensor's content
+    depends only on ``seed``, its name, shape and dtype, not on the other entries.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, (shape, dtype_name) in spec.items():
+        key = dtype_name.upper()
+        if key not in DTYPES:
+            raise ValueError(f"unknown safetensors dtype {dtype_name!r} for tensor {name!r}")
+        dt = DTYPES[key]
+        shape = tuple(int(s) for s in shape)
+        count = int(np.prod(shape, dtype=np.int64))
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode("utf-8"))])
+        if dt == np.bool_:
+            arr = rng.integers(0, 2, size=count, dtype=np.uint8).astype(np.bool_)
+        else:
+            raw = rng.integers(0, 256, size=count * dt.itemsize, dtype=np.uint8)
+            arr = raw.view(dt)
+        out[name] = arr.reshape(shape)  # fresh, C-contiguous, writeable
+    return out
+
+
+def assert_bytes_equal(a, b, what: str = "tensor") -> None:
+    """Assert same dtype, same shape and bit-identical contents (NaN-safe)."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    assert a.dtype == b.dtype, f"{what}: dtype differs: {a.dtype} != {b.dtype}"
+    assert a.shape == b.shape, f"{what}: shape differs: {a.shape} != {b.shape}"
+    ab, bb = a.tobytes(), b.tobytes()
+    if ab == bb:
+        return
+    av = np.frombuffer(ab, dtype=np.uint8).reshape(-1, a.dtype.itemsize)
+    bv = np.frombuffer(bb, dtype=np.uint8).reshape(-1, b.dtype.itemsize)
+    diff = np.nonzero((av != bv).any(axis=1))[0]
+    first = int(diff[0])
+    idx = np.unravel_index(first, a.shape) if a.ndim else ()
+    raise AssertionError(
+        f"{what}: contents differ in {diff.size} of {a.size} elements "
+        f"(dtype {a.dtype}, shape {a.shape}); first at index {tuple(int(i) for i in idx)}: "
+        f"{a.reshape(-1)[first]!r} (bytes {av[first].tobytes().hex()}) != "
+        f"{b.reshape(-1)[first]!r} (bytes {bv[first].tobytes().hex()})"
+    )
