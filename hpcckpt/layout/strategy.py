@@ -125,6 +125,8 @@ class Strategy:
     def box_of(self, name: str, rank: int) -> Box | None:
         """The box of ``name`` held by ``rank``, or None if the rank holds none of it."""
         t = self.by_name[name]
+        if not 0 <= rank < self.world_size:
+            return None
         if t.boxes is not None:
             return t.boxes.get(rank)
         return self._grid_box(t, self.mesh.coords(rank))
@@ -148,6 +150,8 @@ class Strategy:
 
     def rank_boxes(self, rank: int) -> Iterator[tuple[TensorSpec, Box]]:
         """Every (tensor, box) the rank holds, in strategy order."""
+        if not 0 <= rank < self.world_size:
+            return
         coords = self.mesh.coords(rank)
         for t in self.tensors:
             box = t.boxes.get(rank) if t.boxes is not None else self._grid_box(t, coords)

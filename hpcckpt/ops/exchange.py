@@ -1,0 +1,436 @@
+"""Operations whose bytes travel between ranks: node-local reshard, load, reshard_state.
+
+plan (pure ``plan_routes``) -> coordinate (stream totals) -> execute: local routes are
+copied through a bounded buffer; the rest move in bounded rounds of Alltoallv
+(``comm.exchange``). A provider reads each region it sends exactly once.
+"""
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..comm.exchange import exchange_streams
+from ..comm.wrapper import Comm, as_comm
+from ..dtypes import numpy_dtype
+from ..errors import FormatError, RankFailure, UsageError
+from ..layout.box import Box
+from ..layout.strategy import Strategy
+from ..planning.assign import dedup_assignment
+from ..planning.outputs import OutputFile, rank_files
+from ..planning.routes import Route, RoutePlan, plan_routes
+from ..planning.runs import flat_range_to_boxes, strided_runs
+from ..planning.sources import SourceChunk, TensorInfo, strategy_source
+from ..storage.atomic import atomic_write_json, partial_name
+from ..storage.chunkio import ChunkReader, copy_runs, write_runs_to_file
+from ..storage.inputs import open_input, rank_dirs
+from ..storage.manifest import MANIFEST
+from ..layout.yaml_io import write_strategy_yaml
+from .common import build_manifest, check_tensors_match
+from .filecopy import CopyOptions, _create, _hash_entry, checksum_of
+from .result import OpResult
+
+DEFAULT_BUDGET = 256 << 20
+DEFAULT_MAX_MESSAGE = 1 << 30
+
+#: read(route, sub_box, out, out_base): C-order bytes of sub_box (inside route.region)
+ReadFn = Callable[[Route, Box, np.ndarray, int], None]
+#: write(route, sub_box, data, base): C-order bytes of sub_box into every local target
+WriteFn = Callable[[Route, Box, np.ndarray, int], None]
+
+
+@dataclass
+class RouteStats:
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_local: int = 0
+    rounds: int = 0
+
+
+def execute_routes(comm: Comm, plan: RoutePlan, read: ReadFn, write: WriteFn, buffer_size: int,
+                   budget: int, max_message: int, step: str = "exchange") -> RouteStats:
+    stats = RouteStats()
+    with comm.step(f"{step}: local copies"):
+        buf = np.empty(max(16, buffer_size), np.uint8)
+        for route in plan.local:
+            for sub, _, _ in _pieces(route, 0, route.nbytes, len(buf)):
+                n = sub.volume * route.tensor.itemsize
+                read(route, sub, buf, 0)
+                write(route, sub, buf, 0)
+                stats.bytes_local += n
+    send_tot, recv_tot = plan.totals(comm.size)
+    sends = {k: _Stream(rs) for k, rs in plan.sends.items()}
+    recvs = {j: _Stream(rs) for j, rs in plan.recvs.items()}
+
+    def fill(k: int, off: int, view: memoryview) -> None:
+        out = np.frombuffer(view, np.uint8)
+        for route, lo, hi, pos in sends[k].walk(off, len(view)):
+            for sub, a, _ in _pieces(route, lo, hi, None):
+                read(route, sub, out, pos + a - lo)
+
+    def drain(j: int, off: int, view: memoryview) -> None:
+        data = np.frombuffer(view, np.uint8)
+        for route, lo, hi, pos in recvs[j].walk(off, len(view)):
+            for sub, a, _ in _pieces(route, lo, hi, None):
+                write(route, sub, data, pos + a - lo)
+
+    def align(k: int, off: int, n: int) -> int:
+        return sends[k].align(off, n)
+
+    counters = exchange_streams(comm, np.array(send_tot), np.array(recv_tot), fill, drain, align,
+                                budget, max_message, step=step)
+    stats.bytes_sent = counters["bytes_sent"]
+    stats.bytes_received = counters["bytes_received"]
+    stats.rounds = counters["rounds"]
+    stats.bytes_read = stats.bytes_local + stats.bytes_sent
+    return stats
+
+
+class _Stream:
+    """The routes between one pair of ranks, as one byte stream."""
+
+    def __init__(self, routes: list[Route]):
+        self.routes = routes
+        self.starts = np.cumsum([0] + [r.nbytes for r in routes]).tolist()
+
+    def walk(self, off: int, n: int):
+        """(route, lo, hi, position in the window) for stream bytes [off, off + n)."""
+        import bisect
+        i = bisect.bisect_right(self.starts, off) - 1
+        end = off + n
+        while off < end and i < len(self.routes):
+            r0 = self.starts[i]
+            lo, hi = off - r0, min(end, self.starts[i + 1]) - r0
+            if hi > lo:
+                yield self.routes[i], lo, hi, off - (end - n)
+            off = r0 + hi
+            i += 1
+
+    def align(self, off: int, n: int) -> int:
+        """Largest m <= n so that off + m ends on an element boundary."""
+        import bisect
+        end = off + n
+        i = bisect.bisect_right(self.starts, end) - 1
+        if i >= len(self.routes) or end == self.starts[i]:
+            return n
+        isz = self.routes[i].tensor.itemsize
+        cut = self.starts[i] + (end - self.starts[i]) // isz * isz
+        return max(0, cut - off)
+
+
+def _pieces(route: Route, lo: int, hi: int, max_bytes: int | None):
+    """Sub-boxes (global coords) of route.region covering its C-order bytes [lo, hi),
+    optionally in windows of at most ``max_bytes``; yields (box, byte_lo, byte_hi)."""
+    isz = route.tensor.itemsize
+    step = (hi - lo) if max_bytes is None else max(isz, max_bytes // isz * isz)
+    reg = route.region
+    for a in range(lo, hi, step or 1):
+        b = min(hi, a + step)
+        pos = a
+        for sub in flat_range_to_boxes(reg.sizes, a // isz, b // isz):
+            g = Box(tuple(o + s for o, s in zip(sub.offsets, reg.offsets)), sub.sizes)
+            nb = g.volume * isz
+            yield g, pos, pos + nb
+            pos += nb
+
+
+def _region_reader(reader_for: Callable[[Route], tuple]) -> ReadFn:
+    """Build a ReadFn from a function giving (kind, source, replica) per route."""
+    def read(route: Route, sub: Box, out: np.ndarray, base: int) -> None:
+        kind, src, replica = reader_for(route)
+        sr = strided_runs(sub, route.src.box, sub, route.tensor.itemsize)
+        if kind == "file":
+            src.read(route.src, route.tensor, sr, out, base, replica)
+        else:
+            copy_runs(sr, src, 0, out, base)
+    return read
+
+
+def _memory_writer(targets: dict[tuple[str, Box], np.ndarray]) -> WriteFn:
+    def write(route: Route, sub: Box, data: np.ndarray, base: int) -> None:
+        arr = targets[(route.tensor.name, route.dst_box)]
+        copy_runs(strided_runs(sub, sub, route.dst_box, route.tensor.itemsize), data, base, arr, 0)
+    return write
+
+
+def _as_bytes(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1).view(np.uint8)
+
+
+def _stable_pick(name: str, box: Box, ranks: tuple[int, ...]) -> int:
+    key = f"{name}|{box.offsets}".encode()
+    return ranks[zlib.crc32(key) % len(ranks)]
+
+
+# ---- load -------------------------------------------------------------------------
+def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDGET,
+         max_message: int = DEFAULT_MAX_MESSAGE, buffer_size: int = 64 << 20,
+         stats: dict | None = None) -> dict[str, np.ndarray]:
+    """This rank's slices of every tensor under ``strategy``, from any checkpoint.
+
+    Complete HF weights or a distributed checkpoint of any strategy, full or
+    de-duplicated (recognised from the files). Each distinct destination box is read
+    from disk once, by one of the ranks holding it; its replicas receive it over MPI.
+
+    Args:
+        path: checkpoint directory or file.
+        strategy: the layout the caller wants; its world size must equal the job's.
+        comm: mpi4py communicator or None (one process).
+    Returns:
+        ``{name: array}`` for every tensor this rank holds (numpy, dtype from the file;
+        bf16/fp8 as ml_dtypes).
+    """
+    comm = as_comm(comm)
+    t0 = time.perf_counter()
+    with comm.step("plan"):
+        if strategy.world_size != comm.size:
+            raise UsageError(f"strategy has {strategy.world_size} ranks but the job has "
+                             f"{comm.size}; launch with mpiexec -n {strategy.world_size}")
+        inp = open_input(path)
+        _check_subset(inp.source, strategy, str(path))
+        readers: dict[tuple[str, Box], int] = {}
+        destinations = []
+        for i, t in enumerate(strategy.tensors):
+            info = TensorInfo(t.name, t.shape, t.dtype)
+            for box, ranks in strategy.chunks(t.name):
+                readers[(t.name, box)] = _stable_pick(t.name, box, ranks)
+                destinations.append((i, info, box, ranks))
+        plan = plan_routes(comm.rank, destinations, inp.source,
+                           lambda c, t, d, k: readers[(t.name, d)])
+        out: dict[str, np.ndarray] = {}
+        targets: dict[tuple[str, Box], np.ndarray] = {}
+        for t, box in strategy.rank_boxes(comm.rank):
+            arr = np.empty(box.sizes, numpy_dtype(t.dtype))
+            out[t.name] = arr
+            targets[(t.name, box)] = _as_bytes(arr)
+    reader = ChunkReader(inp.root, scratch_bytes=buffer_size)
+    try:
+        st = execute_routes(comm, plan, _region_reader(lambda r: ("file", reader, 0)),
+                            _memory_writer(targets), buffer_size, budget, max_message, "load")
+    finally:
+        reader.close()
+    if stats is not None:
+        stats.update(per_rank=comm.allgather({"rank": comm.rank, "bytes_read": st.bytes_read,
+                                              "bytes_received": st.bytes_received,
+                                              "bytes_sent": st.bytes_sent}),
+                     rounds=st.rounds, seconds=comm.allreduce_max(time.perf_counter() - t0),
+                     unique_bytes=strategy.unique_bytes)
+    return out
+
+
+def _check_subset(source, strategy: Strategy, where: str) -> None:
+    for t in strategy.tensors:
+        s = source.tensors.get(t.name)
+        if s is None:
+            raise FormatError(f"tensor {t.name!r} is in the strategy but not in {where}")
+        if s.shape != t.shape or s.dtype != t.dtype:
+            raise FormatError(f"tensor {t.name!r} is {s.dtype} {list(s.shape)} in {where} but "
+                              f"{t.dtype} {list(t.shape)} in the strategy")
+
+
+# ---- in-memory reshard ----------------------------------------------------------------
+def reshard_state(local_state: dict[str, np.ndarray], src_strategy: Strategy,
+                  dst_strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDGET,
+                  max_message: int = DEFAULT_MAX_MESSAGE) -> dict[str, np.ndarray]:
+    """Each rank passes the slices it holds under ``src_strategy`` and receives those it
+    holds under ``dst_strategy``; no disk. Ranks beyond a strategy's world size hold
+    nothing in it. A rank holding a slice locally copies it rather than receiving it."""
+    comm = as_comm(comm)
+    with comm.step("plan"):
+        for s, what in ((src_strategy, "source"), (dst_strategy, "destination")):
+            if s.world_size > comm.size:
+                raise UsageError(f"{what} strategy has {s.world_size} ranks but the job only "
+                                 f"{comm.size}")
+        for t in dst_strategy.tensors:
+            if t.name not in src_strategy:
+                raise FormatError(f"tensor {t.name!r} is in the destination strategy but not "
+                                  "in the source strategy")
+            s = src_strategy.spec(t.name)
+            if (s.shape, s.dtype) != (t.shape, t.dtype):
+                raise FormatError(f"tensor {t.name!r} is {s.dtype} {list(s.shape)} in the source "
+                                  f"strategy but {t.dtype} {list(t.shape)} in the destination")
+        mine: dict[tuple[str, Box], np.ndarray] = {}
+        for t, box in src_strategy.rank_boxes(comm.rank):
+            a = local_state.get(t.name)
+            if a is None:
+                raise FormatError(f"rank {comm.rank}: local_state lacks tensor {t.name!r} "
+                                  f"(its box {box})")
+            a = np.asarray(a)
+            if a.shape != box.sizes or a.dtype != numpy_dtype(t.dtype):
+                raise FormatError(f"rank {comm.rank}: tensor {t.name!r} is {a.dtype} {list(a.shape)} "
+                                  f"but the source strategy gives this rank {t.dtype} "
+                                  f"{list(box.sizes)} at {box}")
+            mine[(t.name, box)] = _as_bytes(np.ascontiguousarray(a).reshape(box.sizes))
+        source = strategy_source(src_strategy, lambda r: f"mem:{r}")
+
+        def choose(c: SourceChunk, t, d, k: int) -> int:
+            holders = [int(f[4:]) for f in c.files]
+            return k if k in holders else holders[k % len(holders)]
+
+        order = {t.name: i for i, t in enumerate(dst_strategy.tensors)}
+        destinations = [(order[t.name], TensorInfo(t.name, t.shape, t.dtype), box, ranks)
+                        for t in dst_strategy.tensors for box, ranks in dst_strategy.chunks(t.name)]
+        plan = plan_routes(comm.rank, destinations, source, choose)
+        out: dict[str, np.ndarray] = {}
+        targets: dict[tuple[str, Box], np.ndarray] = {}
+        for t, box in dst_strategy.rank_boxes(comm.rank):
+            arr = np.empty(box.sizes, numpy_dtype(t.dtype))
+            out[t.name] = arr
+            targets[(t.name, box)] = _as_bytes(arr)
+    execute_routes(comm, plan, _region_reader(lambda r: ("mem", mine[(r.tensor.name, r.src.box)], 0)),
+                   _memory_writer(targets), 64 << 20, budget, max_message, "reshard_state")
+    return out
+
+
+# ---- node-local reshard ---------------------------------------------------------------
+def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=None,
+                       dedup: bool = False, prefix: str | None = None, comm=None,
+                       options: CopyOptions = CopyOptions(), budget: int = DEFAULT_BUDGET,
+                       max_message: int = DEFAULT_MAX_MESSAGE) -> OpResult:
+    """Reshard when each rank sees only its own node's files.
+
+    ``dist`` and ``out`` may contain ``{rank}``, formatted with this rank's number, so
+    every rank has its own directories. Each rank opens only files under the ``rank_<r>``
+    directories present in its ``dist``; destination file ``d`` is written by job rank
+    ``d % size`` under its ``out``. Every rank's ``dist`` holds a copy of manifest.json.
+    """
+    comm = as_comm(comm)
+    t0 = time.perf_counter()
+    my_in, my_out = dist.format(rank=comm.rank), out.format(rank=comm.rank)
+    per_rank_out = my_out != out or comm.size == 1
+    with comm.step("plan"):
+        inp = open_input(my_in, src_strategy)
+        if inp.kind != "distributed" or inp.manifest is None:
+            raise UsageError(f"{my_in}: --node-local needs a distributed checkpoint with its "
+                             f"{MANIFEST} on every node")
+        check_tensors_match(inp.source, strategy, my_in, "the destination strategy")
+        prefix = prefix or inp.manifest.prefix or "model"
+        local_dirs = sorted(rank_dirs(my_in))
+    dir_holders: dict[int, list[int]] = {}
+    for j, dirs in enumerate(comm.allgather(local_dirs)):
+        for d in dirs:
+            dir_holders.setdefault(d, []).append(j)
+    with comm.step("plan routes"):
+        assignment = dedup_assignment(strategy) if dedup else None
+        files = rank_files(strategy, prefix, assignment)
+        owner = lambda d: d % comm.size  # noqa: E731 - the ownership rule, in one place
+        order = {t.name: i for i, t in enumerate(strategy.tensors)}
+        destinations = []
+        for t in strategy.tensors:
+            info = TensorInfo(t.name, t.shape, t.dtype)
+            for box, ranks in strategy.chunks(t.name):
+                holders = ranks if assignment is None else (assignment[(t.name, box)],)
+                destinations.append((order[t.name], info, box,
+                                     tuple(sorted({owner(d) for d in holders}))))
+
+        def local_replicas(c: SourceChunk) -> list[int]:
+            return sorted({j for d in c.rank_dirs() for j in dir_holders.get(d, ())})
+
+        def choose(c: SourceChunk, t, d, k: int) -> int:
+            holders = local_replicas(c)
+            if not holders:
+                raise FormatError(f"tensor {t.name!r} chunk {c.box}: no rank has "
+                                  f"{' or '.join(c.files)} on its node")
+            return k if k in holders else holders[k % len(holders)]
+
+        plan = plan_routes(comm.rank, destinations, inp.source, choose)
+        my_files = [(i, f) for i, f in enumerate(files) if owner(f.rank) == comm.rank]
+    if options.dry_run:
+        send, recv = plan.totals(comm.size)
+        per_rank = comm.allgather({"rank": comm.rank, "bytes_read": plan.bytes_read,
+                                   "bytes_sent": sum(send), "bytes_received": sum(recv),
+                                   "bytes_written": sum(f.data_bytes for _, f in my_files)})
+        return OpResult("reshard", out, len(files), sum(r["bytes_written"] for r in per_rank),
+                        sum(r["bytes_read"] for r in per_rank), time.perf_counter() - t0,
+                        comm.size, tuple(per_rank), dry_run=True,
+                        extra={"transport": "node-local"})
+    _prepare_node_local_out(comm, my_out, per_rank_out, options.overwrite)
+    created: list[str] = []
+    reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
+    fds: dict[int, int] = {}
+    try:
+        with comm.step("create files"):
+            targets: dict[tuple[str, Box], list[tuple[int, str, int]]] = {}
+            for i, f in my_files:
+                created.append(_create(os.path.join(my_out, f.path), f))
+                fds[i] = os.open(created[-1], os.O_RDWR)
+                for e in f.entries:
+                    targets.setdefault((e.name, e.box), []).append((fds[i], created[-1], e.begin))
+        local_dir_set = set(local_dirs)
+
+        def reader_for(route: Route):
+            dirs = route.src.rank_dirs()
+            replica = next(i for i, d in enumerate(dirs) if d in local_dir_set)
+            return "file", reader, replica
+
+        def write(route: Route, sub: Box, data: np.ndarray, base: int) -> None:
+            sr = strided_runs(sub, sub, route.dst_box, route.tensor.itemsize)
+            for fd, path, begin in targets[(route.tensor.name, route.dst_box)]:
+                write_runs_to_file(fd, path, begin, sr, data, base)
+
+        st = execute_routes(comm, plan, _region_reader(reader_for), write, options.buffer_size,
+                            budget, max_message, "reshard")
+        with comm.step("checksum"):
+            sums = {}
+            for i, f in my_files:
+                if options.fsync:
+                    os.fsync(fds[i])
+                for ei, e in enumerate(f.entries):
+                    sums[(i, ei)] = (_hash_entry(os.path.join(my_out, partial_name(f.path)), e,
+                                                 options.buffer_size) if e.nbytes else checksum_of(b""))
+        all_sums: dict = {}
+        for s in comm.allgather(sums):
+            all_sums.update(s)
+        with comm.step("rename"):
+            for path in created:
+                os.replace(path, path[: -len(".partial")])
+            created.clear()
+        with comm.step("commit"):
+            if per_rank_out or comm.rank == 0:
+                for r in range(strategy.world_size):
+                    if owner(r) == comm.rank or not per_rank_out:
+                        os.makedirs(os.path.join(my_out, f"rank_{r}"), exist_ok=True)
+                write_strategy_yaml(strategy, Path(my_out) / "strategy.yaml")
+                m = build_manifest(strategy, files, all_sums, dedup, prefix)
+                atomic_write_json(Path(my_out) / MANIFEST, m.to_dict(), options.fsync)
+    except RankFailure:
+        for path in created:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+    finally:
+        reader.close()
+        for fd in fds.values():
+            os.close(fd)
+    per_rank = comm.allgather({"rank": comm.rank, "bytes_read": st.bytes_read,
+                               "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
+                               "bytes_written": sum(f.data_bytes for _, f in my_files)})
+    seconds = comm.allreduce_max(time.perf_counter() - t0)
+    return OpResult("reshard", out, len(files), sum(r["bytes_written"] for r in per_rank),
+                    sum(r["bytes_read"] for r in per_rank), seconds, comm.size, tuple(per_rank),
+                    extra={"transport": "node-local", "dedup": dedup,
+                           "bytes_sent": sum(r["bytes_sent"] for r in per_rank),
+                           "rounds": st.rounds, "strategy_world_size": strategy.world_size})
+
+
+def _prepare_node_local_out(comm: Comm, my_out: str, per_rank_out: bool, overwrite: bool) -> None:
+    with comm.step("prepare output"):
+        if per_rank_out or comm.rank == 0:
+            p = Path(my_out)
+            if p.exists() and any(p.iterdir()):
+                if not overwrite:
+                    raise UsageError(f"{my_out}: output directory is not empty "
+                                     "(pass --overwrite to replace it)")
+                import shutil
+                (p / MANIFEST).unlink(missing_ok=True)
+                shutil.rmtree(p)
+            p.mkdir(parents=True, exist_ok=True)
+    comm.barrier()
