@@ -77,7 +77,7 @@ class TensorSpec:
     split: tuple[tuple[str, ...], ...] = ()
     stage: int | None = None
     zero: str | None = None
-    boxes: Mapping[int, Box] | None = field(default=None, compare=False)
+    boxes: Mapping[int, Box] | None = field(default=None, hash=False)
 
     @property
     def itemsize(self) -> int:

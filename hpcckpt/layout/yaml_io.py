@@ -87,7 +87,7 @@ def _tensor(name: str, e: object, mesh: Mesh, where: str) -> TensorSpec:
             raise StrategyError(f"{at}: zero axis {zero!r} is also used in 'split'")
         if not shape:
             raise StrategyError(f"{at}: 'zero' needs at least one dimension; the tensor is a scalar")
-    if stage is not None and any(PP_AXIS in axes for axes in split) or zero == PP_AXIS:
+    if stage is not None and (any(PP_AXIS in axes for axes in split) or zero == PP_AXIS):
         raise StrategyError(f"{at}: the 'pp' axis cannot both place stages and split data")
     return TensorSpec(name, tuple(shape), dtype, split=split, stage=stage, zero=zero)
 

@@ -350,7 +350,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                         sum(r["bytes_read"] for r in per_rank), time.perf_counter() - t0,
                         comm.size, tuple(per_rank), dry_run=True,
                         extra={"transport": "node-local"})
-    _prepare_node_local_out(comm, my_out, per_rank_out, options.overwrite)
+    _prepare_node_local_out(comm, my_out, my_in, per_rank_out, options.overwrite)
     created: list[str] = []
     reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
     fds: dict[int, int] = {}
@@ -421,9 +421,12 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                            "rounds": st.rounds, "strategy_world_size": strategy.world_size})
 
 
-def _prepare_node_local_out(comm: Comm, my_out: str, per_rank_out: bool, overwrite: bool) -> None:
+def _prepare_node_local_out(comm: Comm, my_out: str, my_in: str, per_rank_out: bool,
+                            overwrite: bool) -> None:
     with comm.step("prepare output"):
         if per_rank_out or comm.rank == 0:
+            from .filecopy import check_not_input
+            check_not_input(my_out, (my_in,))
             p = Path(my_out)
             if p.exists() and any(p.iterdir()):
                 if not overwrite:

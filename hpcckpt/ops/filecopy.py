@@ -51,12 +51,15 @@ def checksum_of(data) -> str:
     return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
 
 
-def prepare_output_dir(comm: Comm, out: str, overwrite: bool, markers: tuple[str, ...]) -> None:
+def prepare_output_dir(comm: Comm, out: str, overwrite: bool, markers: tuple[str, ...],
+                       inputs: tuple[str, ...] = ()) -> None:
     """Rank 0 checks/creates OUT. An existing non-empty OUT needs ``overwrite``; its commit
-    markers are removed first so it never looks complete while being rewritten."""
+    markers are removed first so it never looks complete while being rewritten. OUT may
+    not be, contain or lie inside an input (``--overwrite`` would delete the input)."""
     with comm.step("prepare output"):
         if comm.rank == 0:
             p = Path(out)
+            check_not_input(out, inputs)
             if p.exists() and not p.is_dir():
                 raise UsageError(f"{out}: exists and is not a directory")
             if p.exists() and any(p.iterdir()):
@@ -69,11 +72,24 @@ def prepare_output_dir(comm: Comm, out: str, overwrite: bool, markers: tuple[str
             p.mkdir(parents=True, exist_ok=True)
 
 
+def check_not_input(out: str, inputs: tuple[str, ...]) -> None:
+    o = Path(out).resolve()
+    for i in inputs:
+        src = Path(i).resolve()
+        # OUT would be deleted (--overwrite) or written into: it must not hold the input,
+        # nor lie inside an input directory
+        inside_out = src == o or o in src.parents
+        if inside_out or (src.is_dir() and src in o.parents):
+            raise UsageError(f"{out}: output directory overlaps the input {i}; "
+                             "choose another output directory")
+
+
 def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
                 files: list[OutputFile], pieces: list[list[WritePiece]],
                 commit: Callable[[dict[tuple[int, int], str]], None], op: str,
-                opts: CopyOptions) -> OpResult:
-    """Run steps 2-5 above. ``commit(checksums)`` runs on rank 0 after every rename."""
+                opts: CopyOptions, marker_first: bool = False) -> OpResult:
+    """Run steps 2-5 above. ``commit(checksums)`` runs on rank 0 after every rename, or
+    before them with ``marker_first`` (complete weights, see below)."""
     t0 = time.perf_counter()
     mine = pieces[comm.rank] if comm.rank < len(pieces) else []
     written = sum(p.nbytes for p in mine)
@@ -120,16 +136,21 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
                         if e.nbytes == 0:
                             checksums[(fi, ei)] = checksum_of(b"")
         gathered = comm.gather((checksums, reader.bytes_read))
-        with comm.step("rename"):
-            for path in created:
-                os.replace(path, path[: -len(".partial")])
-            created.clear()
-        with comm.step("commit"):
-            if comm.rank == 0:
-                allsums = {}
-                for sums, _ in gathered:
-                    allsums.update(sums)
-                commit(allsums)
+        # Distributed outputs: the manifest, written after every rename, is the commit.
+        # Complete weights have no single marker, so the index/name map goes first and
+        # the renames make the output whole: a failure before the last rename leaves an
+        # index naming files that do not exist, which no reader takes for complete.
+        for name in (("commit", "rename") if marker_first else ("rename", "commit")):
+            with comm.step(name):
+                if name == "rename":
+                    for path in created:
+                        os.replace(path, path[: -len(".partial")])
+                    created.clear()
+                elif comm.rank == 0:
+                    allsums = {}
+                    for sums, _ in gathered:
+                        allsums.update(sums)
+                    commit(allsums)
     except RankFailure:
         for path in created:
             try:

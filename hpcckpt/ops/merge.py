@@ -38,12 +38,14 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         pieces = divide_writes(files, comm.size)
     markers = (HF_INDEX, MS_NAME_MAP) + tuple(f.path for f in files)
     if not options.dry_run:
-        prepare_output_dir(comm, out, options.overwrite, markers)
+        prepare_output_dir(comm, out, options.overwrite, markers,
+                           inputs=(str(dist),))
 
     def commit(checksums):
         _commit_complete(out, files, layout, inp.root, options.fsync)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "merge", options)
+    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "merge", options,
+                         marker_first=True)
     result.extra.update({"layout": layout, "tensors": len(tensors),
                          "shards": [f.path for f in files]})
     return result

@@ -32,7 +32,7 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
         files = rank_files(strategy, prefix, dedup_assignment(strategy) if dedup else None)
         pieces = divide_writes(files, comm.size)
     if not options.dry_run:
-        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,))
+        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(dist),))
 
     def commit(checksums):
         commit_distributed(out, strategy, files, checksums, dedup, prefix, options.fsync)

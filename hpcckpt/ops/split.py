@@ -25,7 +25,7 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
         files = rank_files(strategy, prefix, dedup_assignment(strategy) if dedup else None)
         pieces = divide_writes(files, comm.size)
     if not options.dry_run:
-        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,))
+        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(complete),))
 
     def commit(checksums):
         commit_distributed(out, strategy, files, checksums, dedup, prefix, options.fsync)

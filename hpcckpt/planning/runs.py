@@ -169,7 +169,9 @@ def tile_contiguous(box: Box, storage: tuple[int, ...], itemsize: int, max_bytes
     storage) into contiguous tiles of at most ``max_bytes`` (at least one row element)."""
     if box.volume * itemsize <= max_bytes or box.ndim == 0:
         return [box]
-    k = next(d for d in range(box.ndim) if box.sizes[d] > 1)
+    k = next((d for d in range(box.ndim) if box.sizes[d] > 1), None)
+    if k is None:  # a single element larger than the buffer: it is its own tile
+        return [box]
     inner = math.prod(box.sizes[k + 1:]) * itemsize
     if inner <= max_bytes:
         step = max(1, max_bytes // inner)

@@ -35,11 +35,14 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            from ..errors import CheckpointIOError
+            raise CheckpointIOError(f"{path}: cannot write: {e.strerror or e}") from None
         raise
     if fsync:
         fsync_dir(os.path.dirname(path) or ".")

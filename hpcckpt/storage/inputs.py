@@ -22,6 +22,7 @@ from .safetensors_io import SafetensorsHeader, read_header, safe_join
 HF_INDEX = "model.safetensors.index.json"
 MS_NAME_MAP = "param_name_map.json"
 _RANK_DIR = re.compile(r"^rank_(\d+)$")
+_HF_SHARD = re.compile(r"^model-\d{5}-of-\d{5}.*\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ def open_input(path: str | Path, strategy: Strategy | None = None,
             safe_join(path, f, str(path / MS_NAME_MAP))
         return _complete(path, files, "MindSpore merged layout", name_map, path / MS_NAME_MAP)
     files = sorted(p.name for p in path.glob("*.safetensors") if not p.name.endswith(".partial"))
+    shards = [f for f in files if _HF_SHARD.match(f)]
+    if shards:
+        raise FormatError(f"{path}: sharded weights ({shards[0]} ...) without {HF_INDEX}: "
+                          "an unfinished merge or an incomplete copy")
     if not files:
         raise FormatError(f"{path}: no safetensors checkpoint here (no {HF_INDEX}, {MANIFEST}, "
                           "rank_<r>/ directories or .safetensors files)")

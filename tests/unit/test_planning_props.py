@@ -100,7 +100,7 @@ def layout_doc(draw, tensors, max_world: int = 64):
                 while split and split[-1] is None:
                     split.pop()
             e["split"] = split
-        zero_candidates = [a for a in free if a != "pp"]
+        zero_candidates = free  # not in split; pp only when the tensor has no stage
         if shape and zero_candidates and draw(st.booleans()):
             e["zero"] = draw(st.sampled_from(zero_candidates))
         entries[name] = e
@@ -355,7 +355,8 @@ def test_dedup_source_and_group_chunks(s: Strategy):
     for t in s.tensors:
         chunks = src.chunks(t.name)
         assert all(len(c.files) == 1 for c in chunks)
-        assert sorted(c.box.offsets for c in chunks) == sorted(b.offsets for b, _ in s.chunks(t.name))
+        assert (sorted(c.box.offsets for c in chunks)
+                == sorted(b.offsets for b, _ in s.chunks(t.name)))
         assert {c.box: c.rank_dirs() for c in chunks} == {
             c.box: c.rank_dirs() for c in grouped.get(t.name, [])}
 

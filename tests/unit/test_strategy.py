@@ -74,7 +74,8 @@ def test_spec_example_boxes_every_rank(spec_example):
     # rank_boxes lists exactly the non-None boxes, in strategy order
     for r in range(8):
         got = [(t.name, b) for t, b in s.rank_boxes(r)]
-        want = [(n, expected[n][r]) for n in (EMBED, DOWN, NORM, HEAD) if expected[n][r] is not None]
+        want = [(n, expected[n][r]) for n in (EMBED, DOWN, NORM, HEAD)
+                if expected[n][r] is not None]
         assert got == want, r
 
 
@@ -119,10 +120,13 @@ mesh:
   dp: 2
   tp: 2
 tensors:
-  model.embed_tokens.weight:            {{shape: [32000, 1024], dtype: BF16, split: [tp, null], stage: 0}}
-  model.layers.0.mlp.down_proj.weight:  {{shape: [1024, 4096], dtype: BF16, split: [null, tp], stage: 0, zero: dp}}
+  model.embed_tokens.weight:
+    {{shape: [32000, 1024], dtype: BF16, split: [tp, null], stage: 0}}
+  model.layers.0.mlp.down_proj.weight:
+    {{shape: [1024, 4096], dtype: BF16, split: [null, tp], stage: 0, zero: dp}}
   model.layers.0.input_layernorm.weight: {{shape: [1024], dtype: F32, stage: 0}}
-  lm_head.weight:                       {{shape: [32000, 1024], dtype: BF16, split: [tp, null], stage: 1}}
+  lm_head.weight:
+    {{shape: [32000, 1024], dtype: BF16, split: [tp, null], stage: 1}}
 """
     s = strategy_from_dict(yaml.safe_load(text))
     assert s.box_of(EMBED, 1) == B([16000, 0], [16000, 1024])
@@ -364,7 +368,8 @@ def _err(mesh, tensors, **top) -> str:
 
 
 def test_error_unknown_axis_in_split():
-    assert _err({"dp": 2, "tp": 2}, {"w": {"shape": [4, 4], "dtype": "F32", "split": ["xx", None]}}) \
+    assert _err({"dp": 2, "tp": 2},
+                {"w": {"shape": [4, 4], "dtype": "F32", "split": ["xx", None]}}) \
         == "s.yaml: tensor 'w': unknown axis 'xx' in split[0] (mesh axes: dp, tp)"
     assert _err({"tp": 2}, {"w": {"shape": [4, 4], "dtype": "F32", "split": [None, ["tp", "q"]]}}) \
         == "s.yaml: tensor 'w': unknown axis 'q' in split[1] (mesh axes: tp)"
@@ -378,7 +383,8 @@ def test_error_split_longer_than_shape():
 
 
 def test_error_axis_used_twice():
-    assert _err({"dp": 2, "tp": 2}, {"w": {"shape": [4, 4], "dtype": "F32", "split": ["tp", "tp"]}}) \
+    assert _err({"dp": 2, "tp": 2},
+                {"w": {"shape": [4, 4], "dtype": "F32", "split": ["tp", "tp"]}}) \
         == "s.yaml: tensor 'w': axis 'tp' is used twice in 'split'"
 
 
@@ -478,7 +484,8 @@ def test_error_not_a_mapping():
 
 def test_error_unknown_key():
     assert _err({"tp": 2}, {"w": {"shape": [4], "dtype": "F32", "splt": ["tp"]}}) \
-        == "s.yaml: tensor 'w': unknown key(s) splt; allowed: boxes, dtype, shape, split, stage, zero"
+        == ("s.yaml: tensor 'w': unknown key(s) splt; "
+            "allowed: boxes, dtype, shape, split, stage, zero")
 
 
 def test_error_bad_mesh_size():
@@ -506,3 +513,42 @@ def test_direct_construction_matches_reader():
                                                 "split": [None, "tp"], "zero": "dp"}})
     assert s.spec("w").nbytes == 64
     assert math.prod(s.box_of("w", 3).sizes) == 4
+
+
+def test_split_over_pp_without_stage_is_allowed():
+    s = make({"pp": 2, "dp": 2}, {"w": {"shape": [4], "dtype": "F32", "split": ["pp"]}})
+    assert [s.box_of("w", r) for r in range(4)] == [B([0], [2]), B([0], [2]), B([2], [2]),
+                                                    B([2], [2])]
+
+
+def test_error_zero_pp_with_stage():
+    assert _err({"pp": 2, "dp": 2}, {"w": {"shape": [4], "dtype": "F32", "zero": "pp",
+                                          "stage": 1}}) \
+        == "s.yaml: tensor 'w': the 'pp' axis cannot both place stages and split data"
+
+
+def test_zero_over_pp_without_stage_is_accepted_like_split_over_pp():
+    s = make({"pp": 2, "dp": 2}, {"w": {"shape": [4], "dtype": "F32", "zero": "pp"}})
+    assert [s.box_of("w", r) for r in range(4)] == [B([0], [2]), B([0], [2]), B([2], [2]),
+                                                    B([2], [2])]
+
+
+def test_strategies_with_different_explicit_boxes_are_not_equal():
+    def boxes(first):
+        return {0: {"offsets": [first], "sizes": [2]}, 1: {"offsets": [2 - first], "sizes": [2]}}
+
+    a = make({"tp": 2}, {"w": {"shape": [4], "dtype": "F32", "boxes": boxes(0)}})
+    b = make({"tp": 2}, {"w": {"shape": [4], "dtype": "F32", "boxes": boxes(2)}})
+    assert a.box_of("w", 0) != b.box_of("w", 0)
+    assert a != b
+
+
+def test_yaml_roundtrip_tricky_names():
+    names = ["a: b", "- x", "#c", "null", "yes", "1", "é.w", "a,b", "{x}", "[y]", "on", "0x10", ""]
+    s = make({"on": 2, "null": 1}, {n: {"shape": [2], "dtype": "F32", "split": ["on"]}
+                                    for n in names})
+    text, back = _roundtrip(s)
+    assert back == s
+    assert [t.name for t in back.tensors] == names
+    assert back.mesh.names == ("on", "null")
+    assert strategy_to_yaml(make({}, {})) and _roundtrip(make({}, {}))[1] == make({}, {})

@@ -1,0 +1,699 @@
+"""The ``hpcckpt`` command line (SPEC 3), run as subprocesses, serially and under mpiexec.
+
+Serial tests (not marked ``mpi``): each test starts ``python -m hpcckpt`` itself, as one
+process or under ``mpiexec -n N``. Fixtures build the inputs in-process with the Python
+API (no MPI), so only the command under test pays the launch cost.
+
+Error messages are asserted word for word: the CLI prints
+``hpcckpt <cmd>: error: rank R: <message>`` on rank 0's stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import hpcckpt
+from hpcckpt.ops.filecopy import CopyOptions
+from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.units import format_bytes
+
+from helpers import (DTYPES, _kill_group, assert_bytes_equal, clean_env, find_mpiexec,
+                     make_tensors, run_cli)
+
+FMT = "hpcckpt.strategy/1"
+TIMEOUT = 60
+
+# ---------------------------------------------------------------------------------
+# A small model and two layouts
+# ---------------------------------------------------------------------------------
+EMB = "model.embed_tokens.weight"
+Q = "model.layers.0/attn.q.weight"
+DOWN = "model.layers.0/mlp.down_proj.weight"
+NORM = "model.layers.0.input_layernorm.weight"
+POS = "model.position_ids"
+MASK = "model.layers.0/attn.mask"
+SCALE = "model.logit_scale"
+EMPTY = "model.empty.bias"
+ADAM_M = "adam_m.model.layers.0/attn.q.weight"
+ADAM_V = "adam_v.model.layers.0/attn.q.weight"
+HEAD = "lm_head.weight"
+
+TENSORS: dict[str, tuple[list[int], str]] = {
+    EMB: ([10, 6], "BF16"),
+    Q: ([7, 5], "F32"),
+    DOWN: ([5, 9], "F8_E4M3"),
+    NORM: ([6], "F16"),
+    POS: ([11], "I64"),
+    MASK: ([3, 4], "BOOL"),
+    SCALE: ([], "F32"),
+    EMPTY: ([0, 3], "F32"),
+    ADAM_M: ([7, 5], "F32"),
+    ADAM_V: ([7, 5], "F32"),
+    HEAD: ([10, 6], "BF16"),
+}
+FULL = make_tensors(TENSORS, seed=7)
+TOTAL = sum(a.nbytes for a in FULL.values())
+
+
+def _doc(mesh: dict, layouts: dict) -> dict:
+    return {"format": FMT, "mesh": mesh,
+            "tensors": {n: {"shape": TENSORS[n][0], "dtype": TENSORS[n][1], **layouts.get(n, {})}
+                        for n in TENSORS}}
+
+
+PP2DP2TP2 = _doc({"pp": 2, "dp": 2, "tp": 2}, {
+    EMB: {"split": ["tp", None], "stage": 0},
+    Q: {"split": ["tp", None], "stage": 0, "zero": "dp"},
+    DOWN: {"split": [None, "tp"], "stage": 1, "zero": "dp"},
+    NORM: {"stage": 0},
+    POS: {"zero": "dp"},
+    MASK: {"split": ["dp", "tp"]},
+    EMPTY: {"split": ["tp"]},
+    ADAM_M: {"split": ["tp", None], "stage": 0, "zero": "dp"},
+    ADAM_V: {"split": ["tp", None], "stage": 0, "zero": "dp"},
+    HEAD: {"split": ["tp", None], "stage": 1},
+})
+TP3 = _doc({"tp": 3}, {
+    EMB: {"split": ["tp", None]},
+    Q: {"split": ["tp", None]},
+    DOWN: {"split": [None, "tp"]},
+    POS: {"split": ["tp"]},
+    MASK: {"split": [None, "tp"]},
+    EMPTY: {"split": [None, "tp"]},
+    ADAM_M: {"split": [None, "tp"]},
+    ADAM_V: {"split": ["tp"]},
+    HEAD: {"split": [None, "tp"]},
+})
+
+# three one-tensor rank files: rank r's file is read only by the rank writing tensor t<r>
+TRIO_TENSORS = {f"t{r}": ([16], "F32") for r in range(3)}
+TRIO = make_tensors(TRIO_TENSORS, seed=3)
+TRIO_DOC = {"format": FMT, "mesh": {"r": 3},
+            "tensors": {f"t{r}": {"shape": [16], "dtype": "F32",
+                                  "boxes": {r: {"offsets": [0], "sizes": [16]}}}
+                        for r in range(3)}}
+NO_WRITE = CopyOptions(fsync=False, progress=False)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtypes: dict[str, str]) -> Path:
+    head, _ = build_header([(n, dtypes[n], a.shape) for n, a in tensors.items()], {"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(head)
+        for a in tensors.values():
+            f.write(a.tobytes())
+    return path
+
+
+def write_yaml(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Inputs shared by the module (tests copy what they modify)."""
+    d = tmp_path_factory.mktemp("cli-data")
+    out = {
+        "model": write_safetensors(d / "model.safetensors", FULL,
+                                   {n: dt for n, (_, dt) in TENSORS.items()}),
+        "s8": write_yaml(d / "pp2dp2tp2.yaml", PP2DP2TP2),
+        "s3": write_yaml(d / "tp3.yaml", TP3),
+        "trio_model": write_safetensors(d / "trio.safetensors", TRIO,
+                                        {n: "F32" for n in TRIO}),
+        "trio_yaml": write_yaml(d / "trio.yaml", TRIO_DOC),
+    }
+    # distributed checkpoints made in-process (no MPI)
+    out["dist8"] = d / "dist8"
+    hpcckpt.split(str(out["model"]), str(out["dist8"]), hpcckpt.load_strategy(out["s8"]),
+                  options=NO_WRITE)
+    out["dist8_dedup"] = d / "dist8_dedup"
+    hpcckpt.split(str(out["model"]), str(out["dist8_dedup"]), hpcckpt.load_strategy(out["s8"]),
+                  dedup=True, options=NO_WRITE)
+    out["trio"] = d / "trio"
+    hpcckpt.split(str(out["trio_model"]), str(out["trio"]), hpcckpt.load_strategy(out["trio_yaml"]),
+                  options=NO_WRITE)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------
+def cli(args, n=None, **kw) -> subprocess.CompletedProcess:
+    return run_cli([os.fspath(a) for a in args], n=n, timeout=TIMEOUT, **kw)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+    return p
+
+
+def has_error(p: subprocess.CompletedProcess, line: str) -> None:
+    """Non-zero exit and ``line`` exactly, as one line of stderr."""
+    assert p.returncode != 0, f"expected failure\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+    assert line in p.stderr.splitlines(), f"want line:\n{line}\n--- stderr was:\n{p.stderr}"
+
+
+# Runs hpcckpt's main() in each rank and reports that rank's exit status, so a test can
+# see that EVERY rank exits non-zero (mpiexec's own status is an aggregate). The report
+# goes to stdout in one write, so it cannot split rank 0's error line on stderr.
+_WRAP = r"""
+import sys
+from hpcckpt.cli.main import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code if isinstance(e.code, int) else 1
+import os
+from mpi4py import MPI
+sys.stdout.flush()
+os.write(1, f"@@rank-exit {MPI.COMM_WORLD.Get_rank()} {rc}\n".encode())
+sys.exit(rc)
+"""
+
+
+def run_ranks(args, n: int, timeout: float = TIMEOUT, prelude: str = ""):
+    """``mpiexec -n n`` hpcckpt ARGS; returns (CompletedProcess, {rank: exit code}, seconds).
+    ``prelude`` is Python run in every rank first (fault injection)."""
+    cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-c", prelude + _WRAP,
+           *map(os.fspath, args)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        raise AssertionError(f"hung: {' '.join(cmd)} did not finish in {timeout} s") from None
+    seconds = time.monotonic() - t0
+    codes = {int(r): int(c) for r, c in re.findall(r"@@rank-exit (\d+) (-?\d+)\n", out)}
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), codes, seconds
+
+
+def fails_everywhere(args, n: int, line: str, prelude: str = "") -> subprocess.CompletedProcess:
+    p, codes, seconds = run_ranks(args, n, prelude=prelude)
+    has_error(p, line)
+    assert sorted(codes) == list(range(n)), f"not every rank reported its exit: {codes}\n{p.stderr}"
+    assert all(c != 0 for c in codes.values()), f"a rank exited 0: {codes}\n{p.stderr}"
+    assert seconds < 30, f"took {seconds:.1f} s"
+    # rank 0 alone prints the error
+    assert sum(1 for ln in p.stderr.splitlines() if ": error: " in ln) == 1, p.stderr
+    return p
+
+
+def assert_nothing_complete(out: Path) -> None:
+    """No manifest, no index, no final-named or partial safetensors anywhere under ``out``."""
+    if not out.exists():
+        return
+    names = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
+    bad = [n for n in names if n.endswith((".safetensors", ".partial", "manifest.json",
+                                           "index.json", "param_name_map.json"))]
+    assert not bad, f"left behind in {out}: {bad}"
+
+
+def read_tensor(path: Path, name: str) -> np.ndarray:
+    e = read_header(path).entry(name)
+    with open(path, "rb") as f:
+        f.seek(e.begin)
+        raw = f.read(e.nbytes)
+    return np.frombuffer(raw, DTYPES[e.dtype]).reshape(e.shape)
+
+
+def check_complete(out: Path, names=None, weight_map: dict | None = None) -> None:
+    names = list(TENSORS) if names is None else names
+    if weight_map is None:
+        idx = out / "model.safetensors.index.json"
+        weight_map = (json.loads(idx.read_text())["weight_map"] if idx.exists()
+                      else {n: "model.safetensors" for n in names})
+    assert sorted(weight_map) == sorted(names)
+    for n in names:
+        assert_bytes_equal(read_tensor(out / weight_map[n], n), FULL[n], n)
+
+
+def copy_dist(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------
+# split / merge / reshard round trips
+# ---------------------------------------------------------------------------------
+def test_split_merge_n8_summary_once(data, tmp_path):
+    dist, out = tmp_path / "dist", tmp_path / "out"
+    s = hpcckpt.load_strategy(data["s8"])
+    p = ok(cli(["split", data["model"], dist, "--strategy", data["s8"], "--dedup",
+                "--prefix", "llama", "--no-fsync"], n=8))
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1, p.stdout
+    written = format_bytes(TOTAL)  # dedup: every element stored exactly once
+    assert re.fullmatch(rf"split: 8 file\(s\), {written} written, {written} read in "
+                        rf"\d+\.\d\d s \(\d+\.\d\d GB/s\) on 8 rank\(s\) -> {re.escape(str(dist))}",
+                        lines[0]), lines[0]
+    assert sorted(os.listdir(dist)) == sorted(["manifest.json", "strategy.yaml"]
+                                              + [f"rank_{r}" for r in range(8)])
+    for r in range(8):
+        assert os.listdir(dist / f"rank_{r}") == [f"llama_rank_{r}.safetensors"]
+    assert json.loads((dist / "manifest.json").read_text())["redundancy"] == "dedup"
+    assert hpcckpt.load_strategy(dist / "strategy.yaml").to_dict() == s.to_dict()
+
+    p = ok(cli(["merge", dist, out, "--no-fsync"], n=8))
+    assert len(p.stdout.splitlines()) == 1 and p.stdout.startswith("merge: 1 file(s), "), p.stdout
+    assert " on 8 rank(s) -> " in p.stdout
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    check_complete(out)
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), framework="np") as f:
+        assert sorted(f.keys()) == sorted(TENSORS)
+        for n in (Q, POS, ADAM_M):
+            assert_bytes_equal(f.get_tensor(n), FULL[n], n)
+
+
+def test_json_summary_rank0_only(data, tmp_path):
+    dist = tmp_path / "dist"
+    p = ok(cli(["split", data["model"], dist, "--strategy", data["s3"], "--json"], n=3))
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1, p.stdout
+    doc = json.loads(lines[0])
+    assert doc["op"] == "split" and doc["files"] == 3 and doc["world_size"] == 3
+    assert doc["dry_run"] is False and doc["dedup"] is False and doc["strategy_world_size"] == 3
+    assert [r["rank"] for r in doc["per_rank"]] == [0, 1, 2]
+    s = hpcckpt.load_strategy(data["s3"])
+    full_bytes = sum(s.rank_bytes(r) for r in range(3))
+    assert doc["bytes_written"] == full_bytes == sum(r["bytes_written"] for r in doc["per_rank"])
+    assert doc["output"] == str(dist)
+    assert (dist / "manifest.json").is_file()
+
+
+def test_merge_summary_once_n3(data, tmp_path):
+    out = tmp_path / "out"
+    p = ok(cli(["merge", data["dist8"], out], n=3))
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1, p.stdout
+    t = format_bytes(TOTAL)
+    assert re.fullmatch(rf"merge: 1 file\(s\), {t} written, {t} read in \d+\.\d\d s "
+                        rf"\(\d+\.\d\d GB/s\) on 3 rank\(s\) -> {re.escape(str(out))}", lines[0])
+    check_complete(out)
+
+
+def test_merge_max_shard_size_index_n8(data, tmp_path):
+    out = tmp_path / "out"
+    p = ok(cli(["merge", data["dist8_dedup"], out, "--max-shard-size", "200B", "--json"], n=8))
+    doc = json.loads(p.stdout)
+    n = doc["files"]
+    assert n >= 3, doc
+    shards = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert doc["shards"] == shards
+    assert sorted(os.listdir(out)) == sorted(shards + ["model.safetensors.index.json"])
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    assert idx["metadata"]["total_size"] == TOTAL
+    assert set(idx["weight_map"].values()) == set(shards)
+    for f in shards:  # every shard's tensors add up to at most 200 bytes unless it holds one
+        h = read_header(out / f)
+        data_bytes = sum(e.nbytes for e in h.tensors.values())
+        assert data_bytes <= 200 or len(h.tensors) == 1, (f, data_bytes)
+    check_complete(out)
+    # the sharded HF directory (index + shards) is itself a valid input
+    dist = tmp_path / "dist"
+    ok(cli(["split", out, dist, "--strategy", data["s3"], "--no-fsync"]))
+    s = hpcckpt.load_strategy(data["s3"])
+    for r in range(3):
+        f = dist / f"rank_{r}" / f"model_rank_{r}.safetensors"
+        for t, box in s.rank_boxes(r):
+            sl = tuple(slice(o, o + z) for o, z in zip(box.offsets, box.sizes))
+            assert_bytes_equal(read_tensor(f, t.name), FULL[t.name][sl], f"rank {r} {t.name}")
+
+
+def test_merge_exclude_prefix_and_suffix(data, tmp_path):
+    out = tmp_path / "out"
+    ok(cli(["merge", data["dist8"], out, "--exclude-prefix", "adam_m.", "--exclude-prefix",
+            "adam_v.", "--file-suffix", "fp", "--no-fsync"], n=3))
+    assert sorted(os.listdir(out)) == ["model_fp.safetensors"]
+    keep = [n for n in TENSORS if not n.startswith("adam_")]
+    check_complete(out, keep, {n: "model_fp.safetensors" for n in keep})
+    out2 = tmp_path / "out2"
+    p = cli(["merge", data["dist8"], out2, "--exclude-prefix", "model.", "--exclude-prefix",
+             "adam_", "--exclude-prefix", "lm_head."])
+    has_error(p, f"hpcckpt merge: error: rank 0: {data['dist8']}: no tensor left to merge after "
+                 "--exclude-prefix")
+    assert not out2.exists()
+
+
+def test_merge_layout_ms(data, tmp_path):
+    dist, out = copy_dist(data["dist8"], tmp_path / "dist"), tmp_path / "out"
+    (dist / "rank_0" / "meta.json").write_text(
+        json.dumps({"last_epoch": 3, "last_step": 42, "last_ckpt_file": "x"}))
+    ok(cli(["merge", dist, out, "--layout", "ms", "--max-shard-size", "150B"], n=3))
+    names = sorted(os.listdir(out))
+    parts = [n for n in names if n.startswith("part")]
+    assert len(parts) >= 2 and parts == sorted(f"part{i}.safetensors" for i in range(len(parts)))
+    assert sorted(set(names) - set(parts)) == ["hyper_param.safetensors", "param_name_map.json"]
+    name_map = json.loads((out / "param_name_map.json").read_text())
+    assert set(name_map.values()) == set(parts)
+    check_complete(out, list(TENSORS), name_map)
+    hp = out / "hyper_param.safetensors"
+    assert int(read_tensor(hp, "epoch_num")) == 3 and int(read_tensor(hp, "step_num")) == 42
+
+
+def test_reshard_then_inspect_and_merge(data, tmp_path):
+    dist2, out = tmp_path / "dist2", tmp_path / "out"
+    p = ok(cli(["reshard", data["dist8"], dist2, "--strategy", data["s3"], "--dedup",
+                "--json"], n=3))
+    doc = json.loads(p.stdout)
+    assert doc["op"] == "reshard" and doc["files"] == 3 and doc["dedup"] is True
+    assert doc["transport"] == "shared-fs" and doc["bytes_written"] == TOTAL
+    p = ok(cli(["inspect", dist2, "--json"]))
+    info = json.loads(p.stdout)
+    assert (info["kind"], info["world_size"], info["redundancy"], info["complete"]) == \
+        ("distributed", 3, "dedup", True)
+    assert info["mesh"] == {"tp": 3} and info["tensors"] == len(TENSORS)
+    ok(cli(["merge", dist2, out]))
+    check_complete(out)
+
+
+# ---------------------------------------------------------------------------------
+# dry run
+# ---------------------------------------------------------------------------------
+def test_dry_run_prints_plan_writes_nothing(data, tmp_path):
+    out = tmp_path / "out"
+    p = ok(cli(["merge", data["dist8"], out, "--dry-run"], n=3))
+    lines = p.stdout.splitlines()
+    assert lines[0] == (f"merge plan (dry run, nothing written): 1 file(s), "
+                        f"{format_bytes(TOTAL)} to write on 3 rank(s)"), p.stdout
+    assert lines[1].split() == ["rank", "bytes_read", "bytes_written"]
+    assert [ln.split()[0] for ln in lines[2:]] == ["0", "1", "2"]
+    assert len(lines) == 5
+    assert not out.exists()
+
+    dist = tmp_path / "dist"
+    p = ok(cli(["split", data["model"], dist, "--strategy", data["s8"], "--dry-run", "--json"],
+               n=3))
+    doc = json.loads(p.stdout)
+    assert len(p.stdout.splitlines()) == 1
+    assert doc["dry_run"] is True and doc["files"] == 8 and len(doc["per_rank"]) == 3
+    s = hpcckpt.load_strategy(data["s8"])
+    assert doc["bytes_written"] == sum(s.rank_bytes(r) for r in range(8))
+    assert not dist.exists()
+
+
+# ---------------------------------------------------------------------------------
+# inspect and strategy show
+# ---------------------------------------------------------------------------------
+def test_inspect_human_and_json(data, tmp_path):
+    p = ok(cli(["inspect", data["model"], "--json"]))
+    info = json.loads(p.stdout)
+    assert info["kind"] == "complete" and info["tensors"] == len(TENSORS)
+    assert info["unique_bytes"] == TOTAL and info["files"] == 1 and info["complete"] is True
+    assert info["dtypes"] == {"BF16": 2, "F32": 5, "F8_E4M3": 1, "F16": 1, "I64": 1, "BOOL": 1}
+
+    p = ok(cli(["inspect", data["dist8"], "--tensors"]))
+    lines = p.stdout.splitlines()
+    assert f"{'kind':>18}: distributed" in lines
+    assert f"{'world_size':>18}: 8" in lines
+    assert f"{'redundancy':>18}: full" in lines
+    assert f"{'unique_bytes':>18}: {format_bytes(TOTAL)} ({TOTAL} bytes)" in lines
+    assert f"{'complete':>18}: True" in lines
+    assert f"  {Q}  F32 [7, 5]  chunks=4" in lines  # 2 tp x 2 dp pieces
+    assert f"  {EMPTY}  F32 [0, 3]  chunks=0" in lines
+
+    p = ok(cli(["inspect", data["s8"], "--json"]))
+    info = json.loads(p.stdout)
+    assert info["kind"] == "strategy" and info["world_size"] == 8
+    assert list(info["mesh"]) == ["pp", "dp", "tp"]
+
+    # under mpiexec only rank 0 prints
+    p = ok(cli(["inspect", data["dist8"], "--json"], n=3))
+    assert len(p.stdout.splitlines()) == 1 and json.loads(p.stdout)["complete"] is True
+
+    # a rank file gone: inspect reports the problem
+    broken = copy_dist(data["dist8"], tmp_path / "broken")
+    (broken / "rank_5" / "model_rank_5.safetensors").unlink()
+    info = json.loads(ok(cli(["inspect", broken, "--json"])).stdout)
+    assert info["complete"] is False
+    assert info["problems"] == ["missing file rank_5/model_rank_5.safetensors"]
+
+    # a distributed checkpoint whose manifest never got written
+    partial = copy_dist(data["dist8"], tmp_path / "unfinished")
+    (partial / "manifest.json").unlink()
+    p = ok(cli(["inspect", partial, "--json"]))
+    info = json.loads(p.stdout)
+    assert info == {"kind": "distributed", "path": str(partial), "complete": False,
+                    "problem": "no manifest.json: the write did not finish"}
+
+
+def test_strategy_show(data):
+    s = hpcckpt.load_strategy(data["s3"])
+    per_rank = [s.rank_bytes(r) for r in range(3)]
+    p = ok(cli(["strategy", "show", data["s3"]]))
+    assert p.stdout == (f"mesh tp3 = 3 ranks, {len(TENSORS)} tensors, {format_bytes(TOTAL)} "
+                        f"unique, {format_bytes(min(per_rank))}..{format_bytes(max(per_rank))} "
+                        "per rank\n")
+
+    p = ok(cli(["strategy", "show", data["s3"], "--tensor", Q]))
+    # Q: F32 [7, 5] split [tp, null] -> rows 3, 2, 2
+    assert p.stdout.splitlines() == [
+        f"{Q}: F32 [7, 5] on mesh tp3",
+        "  rank    0 (tp=0): [0:3, 0:5]  60 B  replicas [0]",
+        "  rank    1 (tp=1): [3:5, 0:5]  40 B  replicas [1]",
+        "  rank    2 (tp=2): [5:7, 0:5]  40 B  replicas [2]",
+    ]
+
+    p = ok(cli(["strategy", "show", data["s8"], "--tensor", NORM, "--json"]))
+    doc = json.loads(p.stdout)
+    assert doc["tensor"] == NORM and doc["shape"] == [6] and doc["dtype"] == "F16"
+    assert [r["box"] for r in doc["ranks"]] == \
+        [{"offsets": [0], "sizes": [6]}] * 4 + [None] * 4  # stage 0 = pp coordinate 0
+
+    p = ok(cli(["strategy", "show", data["s8"], "--yaml"]))
+    doc = yaml.safe_load(p.stdout)
+    assert list(doc["mesh"]) == ["pp", "dp", "tp"]  # mesh order kept, not sorted
+    assert hpcckpt.strategy_from_dict(doc).to_dict() == \
+        hpcckpt.load_strategy(data["s8"]).to_dict()
+
+    p = cli(["strategy", "show", data["s3"], "--tensor", "nope"])
+    has_error(p, f"hpcckpt strategy: error: rank 0: {data['s3']}: no tensor 'nope'")
+
+
+# ---------------------------------------------------------------------------------
+# errors: every rank exits non-zero, quickly, with the exact message; nothing complete
+# ---------------------------------------------------------------------------------
+def test_error_missing_input(data, tmp_path):
+    missing, out = tmp_path / "nope.safetensors", tmp_path / "out"
+    fails_everywhere(["split", missing, out, "--strategy", data["s3"]], 3,
+                     f"hpcckpt split: error: rank 0: {missing}: no such file or directory "
+                     "(and 2 more ranks)")
+    assert not out.exists()
+    p = cli(["merge", tmp_path / "nodist", out], n=1)
+    has_error(p, f"hpcckpt merge: error: rank 0: {tmp_path / 'nodist'}: no such file or directory")
+    assert not out.exists()
+
+
+def _bad_file(path: Path, header: dict, data_len: int, length: int | None = None) -> Path:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    n = len(raw) if length is None else length
+    path.write_bytes(n.to_bytes(8, "little") + raw + bytes(data_len))
+    return path
+
+
+def _one_tensor_strategy(tmp_path: Path) -> Path:
+    return write_yaml(tmp_path / "s.yaml", {"format": FMT, "mesh": {"tp": 3}, "tensors": {
+        "a": {"shape": [4], "dtype": "F32", "split": ["tp"]},
+        "b": {"shape": [4], "dtype": "F32"}}})
+
+
+@pytest.mark.parametrize("case", ["header_beyond_file", "overlap", "size_mismatch"])
+def test_error_malformed_safetensors(tmp_path, case):
+    s = _one_tensor_strategy(tmp_path)
+    bad, out = tmp_path / "bad.safetensors", tmp_path / "out"
+    if case == "header_beyond_file":
+        _bad_file(bad, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 16,
+                  length=4096)
+        msg = (f"{bad}: header length 4096 goes beyond the end of the file "
+               f"({bad.stat().st_size} bytes)")
+    elif case == "overlap":
+        _bad_file(bad, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24)
+        msg = f"{bad}: tensors 'a' (bytes 0-16) and 'b' (bytes 8-24) overlap"
+    else:
+        _bad_file(bad, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, 12)
+        msg = f"{bad}: tensor 'a': F32 [4] needs 16 bytes but data_offsets [0, 12] hold 12"
+    fails_everywhere(["split", bad, out, "--strategy", s], 3,
+                     f"hpcckpt split: error: rank 0: {msg} (and 2 more ranks)")
+    assert_nothing_complete(out)
+    p = cli(["inspect", bad])
+    has_error(p, f"hpcckpt inspect: error: rank 0: {msg}")
+
+
+def test_error_index_names_file_outside(data, tmp_path):
+    model = tmp_path / "hf"
+    model.mkdir()
+    shutil.copy(data["model"], tmp_path / "evil.safetensors")  # exists, but must not be read
+    idx = model / "model.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {"total_size": TOTAL},
+                               "weight_map": {n: "../evil.safetensors" for n in TENSORS}}))
+    out = tmp_path / "out"
+    fails_everywhere(["split", model, out, "--strategy", data["s3"]], 3,
+                     f"hpcckpt split: error: rank 0: {idx}: names file '../evil.safetensors' "
+                     f"outside its directory {model} (and 2 more ranks)")
+    assert_nothing_complete(out)
+
+
+def test_error_strategy_unknown_axis(data, tmp_path):
+    bad = write_yaml(tmp_path / "bad.yaml", {"format": FMT, "mesh": {"tp": 2}, "tensors": {
+        "w": {"shape": [4, 4], "dtype": "F32", "split": ["xx", None]}}})
+    msg = f"{bad}: tensor 'w': unknown axis 'xx' in split[0] (mesh axes: tp)"
+    out = tmp_path / "out"
+    fails_everywhere(["split", data["model"], out, "--strategy", bad], 3,
+                     f"hpcckpt split: error: rank 0: {msg} (and 2 more ranks)")
+    assert not out.exists()
+    has_error(cli(["strategy", "show", bad]), f"hpcckpt strategy: error: rank 0: {msg}")
+
+
+LAUNCH_MSG = ("SLURM_NTASKS=8 but the MPI world has 1 rank(s): launch with `srun` or "
+              "`mpiexec -n 8` using the MPI that mpi4py was built against "
+              "(or set HPCCKPT_SKIP_LAUNCH_CHECK=1)")
+
+
+def test_launch_check_refuses(data, tmp_path):
+    out = tmp_path / "out"
+    args = ["split", data["model"], out, "--strategy", data["s3"]]
+    p = cli(args, n=1, env={"SLURM_NTASKS": "8"})
+    has_error(p, f"hpcckpt split: error: rank 0: {LAUNCH_MSG}")
+    assert not out.exists()
+    p = cli(["inspect", data["s3"]], env={"SLURM_NTASKS": "8"})  # no mpiexec at all
+    has_error(p, f"hpcckpt inspect: error: rank 0: {LAUNCH_MSG}")
+    assert p.stdout == ""
+    ok(cli(args, n=1, env={"SLURM_NTASKS": "8", "HPCCKPT_SKIP_LAUNCH_CHECK": "1"}))
+    assert (out / "manifest.json").is_file()
+
+
+def test_error_output_not_empty(data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    fails_everywhere(["split", data["model"], out, "--strategy", data["s3"]], 3,
+                     f"hpcckpt split: error: rank 0: {out}: output directory is not empty "
+                     "(pass --overwrite to replace it)")
+    assert os.listdir(out) == ["keep.txt"]
+    ok(cli(["split", data["model"], out, "--strategy", data["s3"], "--overwrite"], n=3))
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+def test_error_rank_file_deleted(data, tmp_path):
+    dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
+    gone = dist / "rank_2" / "model_rank_2.safetensors"
+    gone.unlink()
+    # rank 2 writes t2, the only tensor of rank_2's file: only rank 2 fails
+    fails_everywhere(["merge", dist, out], 3,
+                     f"hpcckpt merge: error: rank 2: {gone}: file not found")
+    assert_nothing_complete(out)
+    p = cli(["merge", dist, out, "--overwrite"], n=1)
+    has_error(p, f"hpcckpt merge: error: rank 0: {gone}: file not found")
+    assert_nothing_complete(out)
+
+
+def test_error_truncated_rank_file(data, tmp_path):
+    dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
+    f = dist / "rank_1" / "model_rank_1.safetensors"
+    start = read_header(f).data_start
+    os.truncate(f, start + 10)
+    p = cli(["merge", dist, out], n=1)
+    has_error(p, f"hpcckpt merge: error: rank 0: {f}: tensor 't1': data_offsets [0, 64] are "
+                 "outside the data region of 10 bytes")
+    assert_nothing_complete(out)
+    os.truncate(f, 20)  # cut inside the header
+    (length,) = np.frombuffer(f.read_bytes()[:8], "<u8")
+    p = cli(["merge", dist, out, "--overwrite"])
+    has_error(p, f"hpcckpt merge: error: rank 0: {f}: header length {length} goes beyond the "
+                 "end of the file (20 bytes)")
+    assert_nothing_complete(out)
+
+
+def test_one_rank_fails_mid_copy(data, tmp_path):
+    """Only the rank that reads the truncated file fails; the others finish their copy and
+    then every rank exits non-zero, quickly, and the half-written output is removed."""
+    dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
+    f = dist / "rank_1" / "model_rank_1.safetensors"
+    os.truncate(f, read_header(f).data_start + 10)
+    p = fails_everywhere(["merge", dist, out, "--no-fsync"], 3,
+                         f"hpcckpt merge: error: rank 1: {f}: tensor 't1': data_offsets [0, 64] "
+                         "are outside the data region of 10 bytes")
+    assert "more rank" not in p.stderr  # ranks 0 and 2 did not fail
+    assert out.is_dir()  # the job had started writing...
+    assert_nothing_complete(out)  # ...and removed its partial file
+
+
+def test_trio_merges_when_intact(data, tmp_path):
+    """Control for the failure tests above: the same command succeeds on intact input."""
+    out = tmp_path / "out"
+    ok(cli(["merge", data["trio"], out], n=3))
+    for n, a in TRIO.items():
+        assert_bytes_equal(read_tensor(out / "model.safetensors", n), a, n)
+
+
+def test_error_strategy_disagrees_with_source(data, tmp_path):
+    doc = json.loads(json.dumps(TP3))
+    doc["tensors"][Q]["shape"] = [8, 5]
+    bad = write_yaml(tmp_path / "q8.yaml", doc)
+    out = tmp_path / "out"
+    p = cli(["split", data["model"], out, "--strategy", bad])
+    has_error(p, f"hpcckpt split: error: rank 0: tensor {Q!r} is F32 [7, 5] in {data['model']} "
+                 "but F32 [8, 5] in the strategy")
+    assert not out.exists()
+    del doc["tensors"][Q]
+    bad = write_yaml(tmp_path / "noq.yaml", doc)
+    p = cli(["reshard", data["dist8"], out, "--strategy", bad])
+    has_error(p, f"hpcckpt reshard: error: rank 0: tensor {Q!r} is in {data['dist8']} but not "
+                 "in the destination strategy")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------
+# regressions for bugs found by these tests (fixed)
+# ---------------------------------------------------------------------------------
+_ENOSPC_ON_INDEX = """
+import errno
+import hpcckpt.ops.merge as _m
+def _full_disk(path, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+_m.atomic_write_json = _full_disk
+"""
+
+
+def test_failed_index_write_leaves_nothing_complete(data, tmp_path):
+    out = tmp_path / "out"
+    p, codes, _ = run_ranks(["merge", data["dist8"], out, "--max-shard-size", "200B"], 3,
+                            prelude=_ENOSPC_ON_INDEX)
+    assert p.returncode != 0 and codes and all(c != 0 for c in codes.values()), p.stderr
+    assert "No space left on device" in p.stderr
+    q = cli(["inspect", out, "--json"])
+    info = json.loads(q.stdout) if q.returncode == 0 else {}
+    assert info.get("complete") is not True, f"failed merge output looks complete: {info}"
+    assert_nothing_complete(out)
+
+
+@pytest.mark.parametrize("cmd", ["reshard", "merge", "split"])
+def test_output_overlapping_input_is_refused(data, tmp_path, cmd):
+    if cmd == "split":
+        src = tmp_path / "hf"
+        src.mkdir()
+        shutil.copy(data["model"], src / "model.safetensors")
+        args = ["split", src / "model.safetensors", src, "--strategy", data["s3"]]
+        keep = src / "model.safetensors"
+    else:
+        src = copy_dist(data["dist8"], tmp_path / "dist")
+        args = [cmd, src, src] + (["--strategy", data["s3"]] if cmd == "reshard" else [])
+        keep = src / "manifest.json"
+    p = cli(args + ["--overwrite"])
+    assert keep.exists(), f"{cmd} deleted its own input {keep} (exit {p.returncode}: {p.stderr})"
+    assert p.returncode != 0
