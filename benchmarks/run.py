@@ -378,7 +378,8 @@ def run_scale(args, scale: int, mpiexec: str) -> tuple[list[dict], list[dict]]:
     need = scale * W1_TENSORS * math.prod(W1_SHAPE) * 4 * 6.2   # complete+dist(2x)+OUT1+OUT2+floor
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.workdir).free
-    have = sum(p.stat().st_size for p in ctx.root.rglob("*") if p.is_file()) if ctx.root.exists() else 0
+    have = (sum(p.stat().st_size for p in ctx.root.rglob("*") if p.is_file())
+            if ctx.root.exists() else 0)
     if free + have < need:
         raise BenchError(f"scale {scale}: needs about {need / GiB:.1f} GiB free under "
                          f"{args.workdir}, {free / GiB:.1f} GiB available")

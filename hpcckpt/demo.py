@@ -1,4 +1,4 @@
-"""End-to-end demo: synthetic Llama checkpoint -> split (pp2 x dp2 x tp2) -> merge -> bit-exact check.
+"""End-to-end demo: synthetic Llama checkpoint -> split (pp2xdp2xtp2) -> merge -> bit-exact check.
 
     python -m hpcckpt.demo --ranks 4 --workdir /tmp/hpcckpt-demo [--size-mb 300] [--keep]
 
