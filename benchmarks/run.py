@@ -37,6 +37,8 @@ except ImportError:   # running from a checkout without an install
     import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
 from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.launch import find_mpiexec as _find_mpiexec
+from hpcckpt.errors import LaunchError
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -103,13 +105,10 @@ def complete_is_valid(path: Path, scale: int) -> bool:
 
 # ---- running things -------------------------------------------------------------------
 def find_mpiexec() -> str:
-    cand = Path(sys.executable).parent / "mpiexec"
-    if cand.exists() and os.access(cand, os.X_OK):
-        return str(cand)
-    found = shutil.which("mpiexec")
-    if found is None:
-        sys.exit("benchmark: no mpiexec next to the Python interpreter nor on PATH")
-    return found
+    try:
+        return _find_mpiexec()
+    except LaunchError as e:
+        raise SystemExit(f"benchmark: {e}") from None
 
 
 def child_env() -> dict[str, str]:

@@ -36,6 +36,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from .errors import LaunchError
+from .launch import find_mpiexec as _find_mpiexec
 from .layout import strategy_from_dict, write_strategy_yaml
 from .storage.safetensors_io import build_header, read_header
 from .units import format_bytes
@@ -195,14 +197,10 @@ def strategy_doc(shape: ModelShape) -> dict:
 
 # ---- running the tool ----------------------------------------------------------------
 def find_mpiexec() -> str:
-    cand = Path(sys.executable).parent / "mpiexec"
-    if cand.exists() and os.access(cand, os.X_OK):
-        return str(cand)
-    found = shutil.which("mpiexec")
-    if found is None:
-        raise SystemExit("demo: no mpiexec next to the Python interpreter nor on PATH "
-                         "(install the `mpich` wheel or load your MPI module)")
-    return found
+    try:
+        return _find_mpiexec()
+    except LaunchError as e:
+        raise SystemExit(f"demo: {e}") from None
 
 
 def child_env() -> dict[str, str]:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
 from .errors import LaunchError
 
@@ -21,3 +24,15 @@ def check_launch(world_size: int, environ=os.environ) -> None:
                 f"{var}={value} but the MPI world has {world_size} rank(s): launch with "
                 f"`srun` or `mpiexec -n {value}` using the MPI that mpi4py was built against "
                 "(or set HPCCKPT_SKIP_LAUNCH_CHECK=1)")
+
+
+def find_mpiexec() -> str:
+    """mpiexec next to the running interpreter (the mpich wheel's), else the one on PATH."""
+    cand = Path(sys.executable).parent / "mpiexec"
+    if cand.exists() and os.access(cand, os.X_OK):
+        return str(cand)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise LaunchError("no mpiexec next to the Python interpreter nor on PATH "
+                          "(install the `mpich` wheel or load your MPI module)")
+    return found

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -37,19 +35,10 @@ DTYPES: dict[str, np.dtype] = {
 
 # Environment variables that would make a child process believe it belongs to the
 # parent's MPI job (or to the surrounding SLURM allocation).
+from hpcckpt.launch import find_mpiexec  # noqa: E402,F401 - re-exported for the tests
+
 _STRIP_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "OMPI_", "SLURM_")
 _STRIP_NAMES = {"MPI_LOCALNRANKS", "MPI_LOCALRANKID"}
-
-
-def find_mpiexec() -> str:
-    """mpiexec next to the running interpreter (the mpich wheel's), else on PATH."""
-    cand = Path(sys.executable).parent / "mpiexec"
-    if cand.exists() and os.access(cand, os.X_OK):
-        return str(cand)
-    found = shutil.which("mpiexec")
-    if found is None:
-        raise RuntimeError("no mpiexec next to the Python interpreter nor on PATH")
-    return found
 
 
 def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -15,8 +15,9 @@ from ..storage.manifest import MANIFEST, Manifest, ManifestChunk, ManifestTensor
 
 
 def check_tensors_match(source: SourceIndex, strategy: Strategy, source_desc: str,
-                        strategy_desc: str) -> None:
-    """The strategy must describe exactly the source's tensors, with the same shape and dtype."""
+                        strategy_desc: str, allow_extra: bool = False) -> None:
+    """Every strategy tensor is in the source with the same shape and dtype; unless
+    ``allow_extra``, the source holds no tensor the strategy lacks."""
     for t in strategy.tensors:
         s = source.tensors.get(t.name)
         if s is None:
@@ -24,7 +25,7 @@ def check_tensors_match(source: SourceIndex, strategy: Strategy, source_desc: st
         if s.shape != t.shape or s.dtype != t.dtype:
             raise FormatError(f"tensor {t.name!r} is {s.dtype} {list(s.shape)} in {source_desc} but "
                               f"{t.dtype} {list(t.shape)} in {strategy_desc}")
-    extra = [n for n in source.tensors if n not in strategy]
+    extra = [] if allow_extra else [n for n in source.tensors if n not in strategy]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise FormatError(f"tensor {extra[0]!r}{more} is in {source_desc} but not in {strategy_desc}")

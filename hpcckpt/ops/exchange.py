@@ -22,7 +22,7 @@ from ..errors import FormatError, RankFailure, UsageError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..planning.assign import dedup_assignment
-from ..planning.outputs import OutputFile, rank_files
+from ..planning.outputs import rank_files
 from ..planning.routes import Route, RoutePlan, plan_routes
 from ..planning.runs import flat_range_to_boxes, strided_runs
 from ..planning.sources import SourceChunk, TensorInfo, strategy_source
@@ -32,7 +32,7 @@ from ..storage.inputs import open_input, rank_dirs
 from ..storage.manifest import MANIFEST
 from ..layout.yaml_io import write_strategy_yaml
 from .common import build_manifest, check_tensors_match
-from .filecopy import CopyOptions, _create, _hash_entry, checksum_of
+from .filecopy import CopyOptions, _create, _hash_entry, checksum_of, remove_files
 from .result import OpResult
 
 DEFAULT_BUDGET = 256 << 20
@@ -163,6 +163,16 @@ def _as_bytes(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
 
+def _allocate(strategy: Strategy, rank: int):
+    """Arrays for the rank's boxes: ``{name: array}`` and their byte views by (name, box)."""
+    out: dict[str, np.ndarray] = {}
+    targets: dict[tuple[str, Box], np.ndarray] = {}
+    for t, box in strategy.rank_boxes(rank):
+        out[t.name] = np.empty(box.sizes, numpy_dtype(t.dtype))
+        targets[(t.name, box)] = _as_bytes(out[t.name])
+    return out, targets
+
+
 def _stable_pick(name: str, box: Box, ranks: tuple[int, ...]) -> int:
     key = f"{name}|{box.offsets}".encode()
     return ranks[zlib.crc32(key) % len(ranks)]
@@ -193,7 +203,7 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
             raise UsageError(f"strategy has {strategy.world_size} ranks but the job has "
                              f"{comm.size}; launch with mpiexec -n {strategy.world_size}")
         inp = open_input(path)
-        _check_subset(inp.source, strategy, str(path))
+        check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
         readers: dict[tuple[str, Box], int] = {}
         destinations = []
         for i, t in enumerate(strategy.tensors):
@@ -203,12 +213,7 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
                 destinations.append((i, info, box, ranks))
         plan = plan_routes(comm.rank, destinations, inp.source,
                            lambda c, t, d, k: readers[(t.name, d)])
-        out: dict[str, np.ndarray] = {}
-        targets: dict[tuple[str, Box], np.ndarray] = {}
-        for t, box in strategy.rank_boxes(comm.rank):
-            arr = np.empty(box.sizes, numpy_dtype(t.dtype))
-            out[t.name] = arr
-            targets[(t.name, box)] = _as_bytes(arr)
+        out, targets = _allocate(strategy, comm.rank)
     reader = ChunkReader(inp.root, scratch_bytes=buffer_size)
     try:
         st = execute_routes(comm, plan, _region_reader(lambda r: ("file", reader, 0)),
@@ -222,16 +227,6 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
                      rounds=st.rounds, seconds=comm.allreduce_max(time.perf_counter() - t0),
                      unique_bytes=strategy.unique_bytes)
     return out
-
-
-def _check_subset(source, strategy: Strategy, where: str) -> None:
-    for t in strategy.tensors:
-        s = source.tensors.get(t.name)
-        if s is None:
-            raise FormatError(f"tensor {t.name!r} is in the strategy but not in {where}")
-        if s.shape != t.shape or s.dtype != t.dtype:
-            raise FormatError(f"tensor {t.name!r} is {s.dtype} {list(s.shape)} in {where} but "
-                              f"{t.dtype} {list(t.shape)} in the strategy")
 
 
 # ---- in-memory reshard ----------------------------------------------------------------
@@ -277,12 +272,7 @@ def reshard_state(local_state: dict[str, np.ndarray], src_strategy: Strategy,
         destinations = [(order[t.name], TensorInfo(t.name, t.shape, t.dtype), box, ranks)
                         for t in dst_strategy.tensors for box, ranks in dst_strategy.chunks(t.name)]
         plan = plan_routes(comm.rank, destinations, source, choose)
-        out: dict[str, np.ndarray] = {}
-        targets: dict[tuple[str, Box], np.ndarray] = {}
-        for t, box in dst_strategy.rank_boxes(comm.rank):
-            arr = np.empty(box.sizes, numpy_dtype(t.dtype))
-            out[t.name] = arr
-            targets[(t.name, box)] = _as_bytes(arr)
+        out, targets = _allocate(dst_strategy, comm.rank)
     execute_routes(comm, plan, _region_reader(lambda r: ("mem", mine[(r.tensor.name, r.src.box)], 0)),
                    _memory_writer(targets), 64 << 20, budget, max_message, "reshard_state")
     return out
@@ -400,11 +390,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                 m = build_manifest(strategy, files, all_sums, dedup, prefix)
                 atomic_write_json(Path(my_out) / MANIFEST, m.to_dict(), options.fsync)
     except RankFailure:
-        for path in created:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        remove_files(created)
         raise
     finally:
         reader.close()

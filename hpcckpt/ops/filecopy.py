@@ -152,11 +152,7 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
                         allsums.update(sums)
                     commit(allsums)
     except RankFailure:
-        for path in created:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        remove_files(created)
         raise
     finally:
         reader.close()
@@ -167,6 +163,15 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
     seconds = comm.allreduce_max(time.perf_counter() - t0)
     return OpResult(op, out, len(files), sum(r["bytes_written"] for r in per_rank),
                     sum(r["bytes_read"] for r in per_rank), seconds, comm.size, tuple(per_rank))
+
+
+def remove_files(paths: list[str]) -> None:
+    """Best-effort removal of this rank's partial files after a failed run."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _create(final: str, f: OutputFile) -> str:

@@ -29,7 +29,7 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
     problems = []
     try:
         inp = open_input(p, strategy)
-    except HpcckptError as e:
+    except HpcckptError:
         if p.is_dir() and not (p / MANIFEST).exists() and (p / "strategy.yaml").exists():
             return {"kind": "distributed", "path": str(p), "complete": False,
                     "problem": f"no {MANIFEST}: the write did not finish"}

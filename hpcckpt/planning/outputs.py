@@ -7,7 +7,6 @@ writes, and so that ``--dry-run`` knows every byte without touching the disk.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Iterable
 
