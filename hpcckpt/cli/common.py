@@ -23,6 +23,23 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
                        help="skip fsync before commit (faster, not crash-safe)")
 
 
+def add_exchange_options(p: argparse.ArgumentParser) -> None:
+    """Options of commands whose bytes travel between ranks over MPI."""
+    g = p.add_argument_group("exchange options")
+    g.add_argument("--exchange-budget", type=parse_size, default=parse_size("256MiB"),
+                   metavar="SIZE", help="bytes in flight per rank per exchange round")
+    g.add_argument("--max-message", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
+                   help="largest single MPI message (kept below 2 GiB)")
+
+
+def add_simulate_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("planning at scale (with --dry-run, no MPI)")
+    g.add_argument("--simulate-world", type=int, metavar="N",
+                   help="plan as one rank of an N-rank job, in this one process")
+    g.add_argument("--simulate-rank", type=int, default=0, metavar="R",
+                   help="the rank to plan (default 0)")
+
+
 def copy_options(args) -> CopyOptions:
     return CopyOptions(buffer_size=args.buffer_size, fsync=not getattr(args, "no_fsync", False),
                        dry_run=args.dry_run, overwrite=getattr(args, "overwrite", False),
@@ -45,7 +62,18 @@ def print_result(result: OpResult, as_json: bool, out=sys.stdout) -> None:
         keys = [k for k in result.per_rank[0] if k != "rank"] if result.per_rank else []
         print("  rank " + "".join(f"{k:>18}" for k in keys), file=out)
         for r in result.per_rank:
-            print(f"  {r['rank']:>4} " + "".join(f"{_fmt(r[k]):>18}" for k in keys), file=out)
+            print(f"  {r['rank']:>4} " + "".join(f"{_fmt(k, r[k]):>18}" for k in keys), file=out)
+        return
+    if result.op == "load":
+        x = result.extra
+        received = sum(r["bytes_received"] for r in result.per_rank)
+        print(f"load: {format_bytes(result.bytes_read)} read from disk ({format_bytes(x['unique_bytes'])}"
+              f" unique), {format_bytes(received)} received over MPI in {x['rounds']} round(s), "
+              f"{result.seconds:.2f} s ({result.gbps:.2f} GB/s) on {result.world_size} rank(s) "
+              f"<- {result.output}", file=out)
+        if "against" in x:
+            print(f"identical to {x['against']}: {format_bytes(x['bytes_compared'])} compared",
+                  file=out)
         return
     extra = ""
     for key in ("bytes_sent", "rounds"):
@@ -57,5 +85,5 @@ def print_result(result: OpResult, as_json: bool, out=sys.stdout) -> None:
           f"({result.gbps:.2f} GB/s) on {result.world_size} rank(s) -> {result.output}", file=out)
 
 
-def _fmt(v):
-    return format_bytes(v) if isinstance(v, int) else str(v)
+def _fmt(key: str, v) -> str:
+    return format_bytes(v) if key.startswith("bytes") and isinstance(v, int) else str(v)

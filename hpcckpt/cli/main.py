@@ -13,19 +13,20 @@ import traceback
 from .. import __version__
 from ..errors import HpcckptError, RankFailure
 from . import inspect as inspect_cmd
+from . import load as load_cmd
 from . import merge as merge_cmd
 from . import reshard as reshard_cmd
 from . import split as split_cmd
 from . import strategy as strategy_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, strategy_cmd)
+COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hpcckpt", description="Distributed safetensors checkpoints over MPI: split, merge, "
-        "reshard and inspect. Run as one process or under mpiexec/srun.")
+        "reshard, load and inspect. Run as one process or under mpiexec/srun.")
     p.add_argument("--version", action="version", version=f"hpcckpt {__version__}")
     p.add_argument("--debug", action="store_true", help="tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,16 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..comm.wrapper import world_comm
-    from ..launch import check_launch
-    comm = world_comm()
-    comm.debug = args.debug
     name = f"hpcckpt {args.command}"
+    simulate = getattr(args, "simulate_world", None)
+    if simulate is not None and not args.dry_run:
+        print(f"{name}: error: --simulate-world plans one rank of a job that is not running; "
+              "it needs --dry-run", file=sys.stderr)
+        return 2
+    if simulate is not None:  # no MPI at all: one rank of an imaginary job
+        from ..comm.simulated import SimulatedComm
+        try:
+            comm = SimulatedComm(args.simulate_rank, simulate)
+        except HpcckptError as e:
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return 2
+    else:
+        from ..comm.wrapper import world_comm
+        comm = world_comm()
+    comm.debug = args.debug
     try:
-        with comm.step("launch check"):
-            check_launch(comm.size)
+        if simulate is None:
+            from ..launch import check_launch
+            with comm.step("launch check"):
+                check_launch(comm.size)
         result = args.run(args, comm)
-        if result is not None and comm.rank == 0:
+        if result is not None and (comm.rank == 0 or simulate is not None):
             print_result(result, getattr(args, "json", False))
         return 0
     except RankFailure as e:

@@ -5,13 +5,14 @@ import argparse
 
 from ..layout.loader import load_strategy
 from ..ops.reshard import reshard
-from ..units import parse_size
-from .common import add_run_options, copy_options, examples
+from .common import (add_exchange_options, add_run_options, add_simulate_options, copy_options,
+                     examples)
 
 HELP = "distributed checkpoint -> distributed checkpoint under another strategy"
 EXAMPLES = examples("""
 mpiexec -n 8 hpcckpt reshard dist/ dist_tp4/ --strategy tp4.yaml
 mpiexec -n 4 hpcckpt reshard '/local/node{rank}/ckpt' '/local/node{rank}/out' --strategy s.yaml --node-local
+hpcckpt reshard dist/ out/ --strategy dst.yaml --src-strategy src.yaml --dry-run --simulate-world 1024 --simulate-rank 17
 """)
 
 
@@ -27,11 +28,9 @@ def register(sub) -> None:
     p.add_argument("--node-local", action="store_true",
                    help="no shared filesystem: ranks open only their own rank directories; "
                         "slices travel over MPI")
-    p.add_argument("--exchange-budget", type=parse_size, default=parse_size("256MiB"),
-                   metavar="SIZE", help="bytes in flight per rank per exchange round")
-    p.add_argument("--max-message", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
-                   help="largest single MPI message (kept below 2 GiB)")
     add_run_options(p)
+    add_exchange_options(p)
+    add_simulate_options(p)
     p.set_defaults(run=run)
 
 

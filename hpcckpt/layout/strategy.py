@@ -181,17 +181,23 @@ class Strategy:
                     groups.setdefault(b, []).append(r)
             return sorted(((b, tuple(rs)) for b, rs in groups.items()), key=lambda x: x[1][0])
         used = self.used_axes(t)
-        free = [n for n in self.mesh.names if n not in used]
+        # replica ranks of a box = its base rank + every offset over the free axes; the
+        # offsets are computed once per tensor (sorted, so base + offsets stays sorted)
+        free_offsets = [0]
+        for n in self.mesh.names:
+            if n not in used:
+                st = self.mesh.strides[n]
+                free_offsets = [o + i * st for o in free_offsets for i in range(self.mesh.sizes[n])]
+        free_offsets.sort()
+        zeros = {n: 0 for n in self.mesh.names}
         out = []
         for values in itertools.product(*(self._axis_range(t, a) for a in used)):
             coords = dict(zip(used, values))
-            box = self._grid_box(t, {**{n: 0 for n in self.mesh.names}, **coords})
+            box = self._grid_box(t, {**zeros, **coords})
             if box is None or box.is_empty():
                 continue
-            ranks = sorted(
-                self.mesh.rank_of({**coords, **dict(zip(free, fv))})
-                for fv in itertools.product(*(range(self.mesh.sizes[n]) for n in free)))
-            out.append((box, tuple(ranks)))
+            base = self.mesh.rank_of(coords)
+            out.append((box, tuple(base + o for o in free_offsets)))
         out.sort(key=lambda x: x[1][0])
         return out
 

@@ -192,7 +192,8 @@ def read_strategy_yaml(path: str | Path) -> Strategy:
         from ..errors import CheckpointIOError
         raise CheckpointIOError(f"{path}: cannot read strategy: {e.strerror or e}") from None
     try:
-        doc = yaml.safe_load(text)
+        # libyaml's parser when PyYAML has it: ~10x faster on 1024-rank strategies
+        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise StrategyError(f"{path}: not valid YAML: {e}") from None
     return strategy_from_dict(doc, where=str(path))

@@ -22,13 +22,13 @@ from ..errors import FormatError, RankFailure, UsageError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..planning.assign import dedup_assignment
-from ..planning.outputs import rank_files
-from ..planning.routes import Route, RoutePlan, plan_routes
+from ..planning.outputs import rank_file, rank_files
+from ..planning.routes import Route, RoutePlan, destinations_touching, plan_routes
 from ..planning.runs import flat_range_to_boxes, strided_runs
-from ..planning.sources import SourceChunk, TensorInfo, strategy_source
+from ..planning.sources import SourceChunk, SourceIndex, TensorInfo, strategy_source
 from ..storage.atomic import atomic_write_json, partial_name
 from ..storage.chunkio import ChunkReader, copy_runs, write_runs_to_file
-from ..storage.inputs import open_input, rank_dirs
+from ..storage.inputs import open_input, open_source, rank_dirs
 from ..storage.manifest import MANIFEST
 from ..layout.yaml_io import write_strategy_yaml
 from .common import build_manifest, check_tensors_match
@@ -46,7 +46,6 @@ WriteFn = Callable[[Route, Box, np.ndarray, int], None]
 
 @dataclass
 class RouteStats:
-    bytes_read: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_local: int = 0
@@ -88,7 +87,6 @@ def execute_routes(comm: Comm, plan: RoutePlan, read: ReadFn, write: WriteFn, bu
     stats.bytes_sent = counters["bytes_sent"]
     stats.bytes_received = counters["bytes_received"]
     stats.rounds = counters["rounds"]
-    stats.bytes_read = stats.bytes_local + stats.bytes_sent
     return stats
 
 
@@ -173,15 +171,32 @@ def _allocate(strategy: Strategy, rank: int):
     return out, targets
 
 
-def _stable_pick(name: str, box: Box, ranks: tuple[int, ...]) -> int:
-    key = f"{name}|{box.offsets}".encode()
-    return ranks[zlib.crc32(key) % len(ranks)]
-
-
 # ---- load -------------------------------------------------------------------------
+def plan_load(source: SourceIndex, strategy: Strategy, rank: int) -> RoutePlan:
+    """Rank ``rank``'s routes for loading ``strategy`` from ``source``. Pure.
+
+    Every distinct destination box has one reader among the ranks holding it; the
+    reader reads the whole box from disk into its own slice (local routes), then
+    forwards it from memory to the box's other holders: each unique byte is read from
+    disk once. The reader is picked by a hash of the tensor's name, so replicas share
+    the reading; deciding it per box (rather than balancing bytes over every chunk of the
+    job, as de-duplication does) keeps planning O(this rank's boxes).
+    """
+    order = {t.name: i for i, t in enumerate(strategy.tensors)}  # the same on every rank
+    destinations, readers = [], {}
+    for t, box in strategy.rank_boxes(rank):
+        if box.is_empty():
+            continue
+        holders = strategy.replicas(t.name, rank)
+        readers[(t.name, box)] = holders[zlib.crc32(t.name.encode()) % len(holders)]
+        destinations.append((order[t.name], TensorInfo(t.name, t.shape, t.dtype), box, holders))
+    return plan_routes(rank, destinations, source, lambda c, t, d, k: readers[(t.name, d)])
+
+
 def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDGET,
          max_message: int = DEFAULT_MAX_MESSAGE, buffer_size: int = 64 << 20,
-         stats: dict | None = None) -> dict[str, np.ndarray]:
+         stats: dict | None = None, src_strategy: Strategy | None = None
+         ) -> dict[str, np.ndarray]:
     """This rank's slices of every tensor under ``strategy``, from any checkpoint.
 
     Complete HF weights or a distributed checkpoint of any strategy, full or
@@ -192,41 +207,65 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
         path: checkpoint directory or file.
         strategy: the layout the caller wants; its world size must equal the job's.
         comm: mpi4py communicator or None (one process).
+        src_strategy: the source's layout, only for a distributed checkpoint without a
+            manifest (MindSpore's); otherwise everything is read from the files.
+        stats: if given, filled with ``per_rank`` counters (bytes_read from disk,
+            bytes_received and bytes_sent over MPI), ``rounds``, ``seconds`` and
+            ``unique_bytes``.
     Returns:
         ``{name: array}`` for every tensor this rank holds (numpy, dtype from the file;
         bf16/fp8 as ml_dtypes).
     """
     comm = as_comm(comm)
     t0 = time.perf_counter()
+    _check_world(strategy, comm)  # the same verdict on every rank: no step needed
     with comm.step("plan"):
-        if strategy.world_size != comm.size:
-            raise UsageError(f"strategy has {strategy.world_size} ranks but the job has "
-                             f"{comm.size}; launch with mpiexec -n {strategy.world_size}")
-        inp = open_input(path)
+        inp = open_input(path, src_strategy)
         check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
-        readers: dict[tuple[str, Box], int] = {}
-        destinations = []
-        for i, t in enumerate(strategy.tensors):
-            info = TensorInfo(t.name, t.shape, t.dtype)
-            for box, ranks in strategy.chunks(t.name):
-                readers[(t.name, box)] = _stable_pick(t.name, box, ranks)
-                destinations.append((i, info, box, ranks))
-        plan = plan_routes(comm.rank, destinations, inp.source,
-                           lambda c, t, d, k: readers[(t.name, d)])
+        plan = plan_load(inp.source, strategy, comm.rank)
         out, targets = _allocate(strategy, comm.rank)
     reader = ChunkReader(inp.root, scratch_bytes=buffer_size)
+    file_read = _region_reader(lambda r: ("file", reader, 0))
+
+    def read(route: Route, sub: Box, buf: np.ndarray, base: int) -> None:
+        if route.receiver == comm.rank:
+            file_read(route, sub, buf, base)
+        else:  # forwarding my own, already loaded, slice to a replica
+            sr = strided_runs(sub, route.dst_box, sub, route.tensor.itemsize)
+            copy_runs(sr, targets[(route.tensor.name, route.dst_box)], 0, buf, base)
     try:
-        st = execute_routes(comm, plan, _region_reader(lambda r: ("file", reader, 0)),
-                            _memory_writer(targets), buffer_size, budget, max_message, "load")
+        st = execute_routes(comm, plan, read, _memory_writer(targets), buffer_size, budget,
+                            max_message, "load")
     finally:
         reader.close()
     if stats is not None:
-        stats.update(per_rank=comm.allgather({"rank": comm.rank, "bytes_read": st.bytes_read,
+        stats.update(per_rank=comm.allgather({"rank": comm.rank, "bytes_read": reader.bytes_read,
                                               "bytes_received": st.bytes_received,
-                                              "bytes_sent": st.bytes_sent}),
+                                              "bytes_sent": st.bytes_sent,
+                                              "bytes_local": st.bytes_local}),
                      rounds=st.rounds, seconds=comm.allreduce_max(time.perf_counter() - t0),
-                     unique_bytes=strategy.unique_bytes)
+                     unique_bytes=strategy.unique_bytes, files=len(inp.files))
     return out
+
+
+def _check_world(strategy: Strategy, comm: Comm) -> None:
+    if strategy.world_size != comm.size:
+        raise UsageError(f"strategy has {strategy.world_size} ranks but the job has "
+                         f"{comm.size}; launch with mpiexec -n {strategy.world_size}")
+
+
+def plan_summary(plan: RoutePlan, size: int, sends_read_disk: bool,
+                 local_dirs: list[int] | None = None) -> dict:
+    """One rank's planned traffic, for --dry-run. ``sends_read_disk``: what the rank sends
+    is read from its files (reshard) rather than forwarded from memory (load);
+    ``local_dirs``: the rank reads the replica in these rank directories (node-local)."""
+    send, recv = plan.totals(size)
+    from_disk = plan.local + [r for rs in plan.sends.values() for r in rs] * sends_read_disk
+    here = set(local_dirs or ())
+    files = {next((f for f, d in zip(r.src.files, r.src.rank_dirs()) if d in here), r.src.files[0])
+             for r in from_disk}
+    return {"rank": plan.rank, "bytes_read": sum(r.nbytes for r in from_disk),
+            "bytes_sent": sum(send), "bytes_received": sum(recv), "source_files": len(files)}
 
 
 # ---- in-memory reshard ----------------------------------------------------------------
@@ -268,9 +307,9 @@ def reshard_state(local_state: dict[str, np.ndarray], src_strategy: Strategy,
             holders = [int(f[4:]) for f in c.files]
             return k if k in holders else holders[k % len(holders)]
 
-        order = {t.name: i for i, t in enumerate(dst_strategy.tensors)}
-        destinations = [(order[t.name], TensorInfo(t.name, t.shape, t.dtype), box, ranks)
-                        for t in dst_strategy.tensors for box, ranks in dst_strategy.chunks(t.name)]
+        destinations = destinations_touching(
+            dst_strategy, ((t.name, b) for t, b in dst_strategy.rank_boxes(comm.rank)),
+            ((t.name, b) for t, b in src_strategy.rank_boxes(comm.rank)))
         plan = plan_routes(comm.rank, destinations, source, choose)
         out, targets = _allocate(dst_strategy, comm.rank)
     execute_routes(comm, plan, _region_reader(lambda r: ("mem", mine[(r.tensor.name, r.src.box)], 0)),
@@ -294,30 +333,38 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     t0 = time.perf_counter()
     my_in, my_out = dist.format(rank=comm.rank), out.format(rank=comm.rank)
     per_rank_out = my_out != out or comm.size == 1
+    simulated = getattr(comm, "simulated", False)
     with comm.step("plan"):
-        inp = open_input(my_in, src_strategy)
-        if inp.kind != "distributed" or inp.manifest is None:
+        inp = open_source(my_in, src_strategy, comm, prefix)
+        if inp.kind != "distributed" or (inp.manifest is None and not simulated):
             raise UsageError(f"{my_in}: --node-local needs a distributed checkpoint with its "
                              f"{MANIFEST} on every node")
         check_tensors_match(inp.source, strategy, my_in, "the destination strategy")
-        prefix = prefix or inp.manifest.prefix or "model"
-        local_dirs = sorted(rank_dirs(my_in))
+        prefix = prefix or (inp.manifest.prefix if inp.manifest else None) or "model"
+        if simulated:  # the usual placement: rank directory d on job rank d % size
+            local_dirs = [d for d in range(inp.strategy.world_size) if d % comm.size == comm.rank]
+        else:
+            local_dirs = sorted(rank_dirs(my_in))
     dir_holders: dict[int, list[int]] = {}
-    for j, dirs in enumerate(comm.allgather(local_dirs)):
-        for d in dirs:
-            dir_holders.setdefault(d, []).append(j)
+    if simulated:
+        dir_holders = {d: [d % comm.size] for d in range(inp.strategy.world_size)}
+    else:
+        for j, dirs in enumerate(comm.allgather(local_dirs)):
+            for d in dirs:
+                dir_holders.setdefault(d, []).append(j)
     with comm.step("plan routes"):
         assignment = dedup_assignment(strategy) if dedup else None
-        files = rank_files(strategy, prefix, assignment)
         owner = lambda d: d % comm.size  # noqa: E731 - the ownership rule, in one place
-        order = {t.name: i for i, t in enumerate(strategy.tensors)}
-        destinations = []
-        for t in strategy.tensors:
-            info = TensorInfo(t.name, t.shape, t.dtype)
-            for box, ranks in strategy.chunks(t.name):
-                holders = ranks if assignment is None else (assignment[(t.name, box)],)
-                destinations.append((order[t.name], info, box,
-                                     tuple(sorted({owner(d) for d in holders}))))
+        if options.dry_run:  # only this rank's files: planning cost stays per rank
+            files = [rank_file(strategy, prefix, d, assignment)
+                     for d in range(comm.rank, strategy.world_size, comm.size)]
+        else:  # every node's manifest lists every file
+            files = rank_files(strategy, prefix, assignment)
+        my_files = [(i, f) for i, f in enumerate(files) if owner(f.rank) == comm.rank]
+
+        def receivers(name: str, box: Box, ranks: tuple[int, ...]) -> tuple[int, ...]:
+            holders = ranks if assignment is None else (assignment[(name, box)],)
+            return tuple(sorted({owner(d) for d in holders}))
 
         def local_replicas(c: SourceChunk) -> list[int]:
             return sorted({j for d in c.rank_dirs() for j in dir_holders.get(d, ())})
@@ -329,17 +376,20 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                                   f"{' or '.join(c.files)} on its node")
             return k if k in holders else holders[k % len(holders)]
 
+        provided = _stored_in(inp, local_dirs)
+        mine = [(e.name, e.box) for _, f in my_files for e in f.entries]
+        destinations = destinations_touching(strategy, mine, provided, receivers)
         plan = plan_routes(comm.rank, destinations, inp.source, choose)
-        my_files = [(i, f) for i, f in enumerate(files) if owner(f.rank) == comm.rank]
     if options.dry_run:
-        send, recv = plan.totals(comm.size)
-        per_rank = comm.allgather({"rank": comm.rank, "bytes_read": plan.bytes_read,
-                                   "bytes_sent": sum(send), "bytes_received": sum(recv),
-                                   "bytes_written": sum(f.data_bytes for _, f in my_files)})
-        return OpResult("reshard", out, len(files), sum(r["bytes_written"] for r in per_rank),
+        summary = {**plan_summary(plan, comm.size, sends_read_disk=True, local_dirs=local_dirs),
+                   "bytes_written": sum(f.data_bytes for _, f in my_files),
+                   "plan_seconds": round(time.perf_counter() - t0, 3)}
+        per_rank = comm.allgather(summary)
+        return OpResult("reshard", out, strategy.world_size,
+                        sum(r["bytes_written"] for r in per_rank),
                         sum(r["bytes_read"] for r in per_rank), time.perf_counter() - t0,
                         comm.size, tuple(per_rank), dry_run=True,
-                        extra={"transport": "node-local"})
+                        extra={"transport": "node-local", "simulated": simulated})
     _prepare_node_local_out(comm, my_out, my_in, per_rank_out, options.overwrite)
     created: list[str] = []
     reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
@@ -396,7 +446,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
         reader.close()
         for fd in fds.values():
             os.close(fd)
-    per_rank = comm.allgather({"rank": comm.rank, "bytes_read": st.bytes_read,
+    per_rank = comm.allgather({"rank": comm.rank, "bytes_read": reader.bytes_read,
                                "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
                                "bytes_written": sum(f.data_bytes for _, f in my_files)})
     seconds = comm.allreduce_max(time.perf_counter() - t0)
@@ -405,6 +455,17 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                     extra={"transport": "node-local", "dedup": dedup,
                            "bytes_sent": sum(r["bytes_sent"] for r in per_rank),
                            "rounds": st.rounds, "strategy_world_size": strategy.world_size})
+
+
+def _stored_in(inp, dirs: list[int]) -> list[tuple[str, Box]]:
+    """(tensor, box) stored under the ``rank_<d>`` directories (a superset is fine: it
+    only narrows which destinations planning examines). From the source's strategy when
+    it has one, which costs O(boxes of those ranks) instead of a scan of every chunk."""
+    if inp.strategy is not None and inp.strategy.world_size > max(dirs, default=-1):
+        return [(t.name, b) for d in dirs for t, b in inp.strategy.rank_boxes(d)]
+    here = set(dirs)
+    return [(name, c.box) for name in inp.source.tensors for c in inp.source.chunks(name)
+            if here.intersection(c.rank_dirs())]
 
 
 def _prepare_node_local_out(comm: Comm, my_out: str, my_in: str, per_rank_out: bool,

@@ -6,11 +6,14 @@ under their own directories and slices travel over MPI (``ops.exchange``).
 """
 from __future__ import annotations
 
+import time
+
 from ..comm.wrapper import Comm, as_comm
 from ..layout.strategy import Strategy
 from ..planning.assign import dedup_assignment
-from ..planning.outputs import divide_writes, rank_files
-from ..storage.inputs import open_input
+from ..planning.outputs import OutputFile, divide_writes, rank_file, rank_files
+from ..planning.sources import SourceIndex
+from ..storage.inputs import open_source
 from ..storage.manifest import MANIFEST
 from .common import check_tensors_match, commit_distributed
 from .filecopy import CopyOptions, prepare_output_dir, write_files
@@ -25,11 +28,17 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
         from .exchange import reshard_node_local
         return reshard_node_local(dist, out, strategy, src_strategy=src_strategy, dedup=dedup,
                                   prefix=prefix, comm=comm, options=options, **exchange_opts)
+    t0 = time.perf_counter()
     with comm.step("plan"):
-        inp = open_input(dist, src_strategy)
+        inp = open_source(dist, src_strategy, comm, prefix)
         check_tensors_match(inp.source, strategy, str(dist), "the destination strategy")
         prefix = prefix or (inp.manifest.prefix if inp.manifest and inp.manifest.prefix else "model")
-        files = rank_files(strategy, prefix, dedup_assignment(strategy) if dedup else None)
+        assignment = dedup_assignment(strategy) if dedup else None
+        if getattr(comm, "simulated", False) and strategy.world_size == comm.size:
+            # rank r writes file r (divide_writes): plan that file alone
+            return _simulated_plan(inp.source, rank_file(strategy, prefix, comm.rank, assignment),
+                                   out, strategy, comm, t0)
+        files = rank_files(strategy, prefix, assignment)
         pieces = divide_writes(files, comm.size)
     if not options.dry_run:
         prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(dist),))
@@ -41,3 +50,18 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup,
                          "transport": "shared-fs"})
     return result
+
+
+def _simulated_plan(source: SourceIndex, mine: OutputFile, out: str, strategy: Strategy,
+                    comm: Comm, t0: float) -> OpResult:
+    """One rank's shared-filesystem plan: the source chunks its file needs, read once."""
+    files: set[str] = set()
+    for e in mine.entries:
+        for chunk, _ in source.overlapping(e.name, e.box):
+            files.add(chunk.files[0])
+    seconds = time.perf_counter() - t0
+    row = {"rank": comm.rank, "bytes_read": mine.data_bytes, "bytes_written": mine.data_bytes,
+           "source_files": len(files), "plan_seconds": round(seconds, 3)}
+    return OpResult("reshard", out, strategy.world_size, mine.data_bytes, mine.data_bytes,
+                    seconds, comm.size, (row,), dry_run=True,
+                    extra={"transport": "shared-fs", "simulated": True})

@@ -83,3 +83,37 @@ def plan_routes(rank: int, destinations: Iterable[tuple[int, TensorInfo, Box, tu
     for lst in (*sends.values(), *recvs.values(), local):
         lst.sort(key=Route.sort_key)
     return RoutePlan(rank, sends, recvs, local)
+
+
+#: receivers(tensor name, destination box, ranks holding it in the strategy) -> ranks
+Receivers = Callable[[str, Box, tuple[int, ...]], tuple[int, ...]]
+
+
+def destinations_touching(strategy, mine: Iterable[tuple[str, Box]],
+                          provided: Iterable[tuple[str, Box]], receivers: Receivers | None = None
+                          ) -> list[tuple[int, TensorInfo, Box, tuple[int, ...]]]:
+    """The destination boxes whose routes can involve one rank, for ``plan_routes``.
+
+    ``mine``: the (tensor, box) this rank receives; ``provided``: the stored regions it
+    may be chosen to provide. Only those tensors' destination chunks are examined, so
+    one rank of a 1024-rank job never enumerates the whole job.
+    """
+    want: dict[str, set[Box]] = {}
+    for name, box in mine:
+        want.setdefault(name, set()).add(box)
+    regions: dict[str, list[Box]] = {}
+    for name, box in provided:
+        regions.setdefault(name, []).append(box)
+    for name, boxes in regions.items():
+        for d, _ in strategy.chunks(name):
+            if any(d.intersect(b) is not None for b in boxes):
+                want.setdefault(name, set()).add(d)
+    out = []
+    for i, t in enumerate(strategy.tensors):
+        if t.name not in want:
+            continue
+        info = TensorInfo(t.name, t.shape, t.dtype)
+        for box, ranks in strategy.chunks(t.name):
+            if box in want[t.name]:
+                out.append((i, info, box, receivers(t.name, box, ranks) if receivers else ranks))
+    return out

@@ -178,3 +178,21 @@ def require_strategy(inp: InputCheckpoint, given: Strategy | None, what: str) ->
     if s is None:
         raise UsageError(f"{inp.root}: {what} needs --strategy")
     return s
+
+
+def open_source(path: str | Path, strategy: Strategy | None, comm, prefix: str | None = None
+                ) -> InputCheckpoint:
+    """``open_input``, except that a dry run simulating a job (``comm.simulated``) may
+    plan a checkpoint that is not on this machine: when ``path`` does not exist it is
+    taken to be what ``hpcckpt split`` writes for ``strategy`` (full, one file per rank),
+    and no file is opened."""
+    if not getattr(comm, "simulated", False) or Path(path).exists():
+        return open_input(path, strategy)
+    if strategy is None:
+        raise UsageError(f"{path}: does not exist; a simulated dry run of a checkpoint that is "
+                         "not here needs --src-strategy")
+    from ..planning.outputs import rank_file_name
+    name = prefix or "model"
+    source = strategy_source(strategy, lambda r: rank_file_name(name, r))
+    return InputCheckpoint("distributed", str(path), source, (), None, strategy,
+                           f"simulated, {strategy.world_size} ranks")

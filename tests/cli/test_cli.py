@@ -697,3 +697,123 @@ def test_output_overlapping_input_is_refused(data, tmp_path, cmd):
     p = cli(args + ["--overwrite"])
     assert keep.exists(), f"{cmd} deleted its own input {keep} (exit {p.returncode}: {p.stderr})"
     assert p.returncode != 0
+
+
+# ---------------------------------------------------------------------------------
+# load: every unique byte read once, replicas over MPI, exact comparison
+# ---------------------------------------------------------------------------------
+DP3 = _doc({"dp": 3}, {})
+
+
+def _load_json(args, n) -> dict:
+    p = ok(cli(["load", *args, "--json"], n=n))
+    assert len(p.stdout.splitlines()) == 1, p.stdout
+    return json.loads(p.stdout)
+
+
+@pytest.mark.parametrize("source", ["model", "dist8", "dist8_dedup"])
+def test_load_reads_each_unique_byte_once(data, tmp_path, source):
+    """Fully replicated (dp3): each byte read by one rank, the other two receive it."""
+    s = write_yaml(tmp_path / "dp3.yaml", DP3)
+    doc = _load_json([data[source], "--strategy", s, "--against", data["model"]], n=3)
+    reads = [r["bytes_read"] for r in doc["per_rank"]]
+    assert sum(reads) == doc["unique_bytes"] == TOTAL
+    assert sum(r["bytes_received"] for r in doc["per_rank"]) == 2 * TOTAL
+    assert doc["bytes_sent"] == 2 * TOTAL and doc["identical"] is True
+    assert doc["bytes_compared"] == 3 * TOTAL
+    assert max(reads) < TOTAL  # the reading is shared, not done by one rank
+
+
+def test_load_tp3_from_dist_tiny_messages(data, tmp_path):
+    s = write_yaml(tmp_path / "tp3.yaml", TP3)
+    doc = _load_json([data["dist8"], "--strategy", s, "--against", data["model"],
+                      "--max-message", "16", "--exchange-budget", "64"], n=3)
+    strat = hpcckpt.load_strategy(s)
+    held = [strat.rank_bytes(r) for r in range(3)]
+    assert [r["bytes_held"] for r in doc["per_rank"]] == held
+    assert sum(r["bytes_read"] for r in doc["per_rank"]) == TOTAL
+    assert sum(r["bytes_received"] for r in doc["per_rank"]) == sum(held) - TOTAL
+    assert doc["bytes_compared"] == sum(held)
+
+
+def test_load_human_summary(data):
+    p = ok(cli(["load", data["dist8"], "--strategy", data["s3"], "--against", data["model"]], n=3))
+    lines = p.stdout.splitlines()
+    assert len(lines) == 2, p.stdout
+    assert lines[0].startswith(f"load: {format_bytes(TOTAL)} read from disk "
+                               f"({format_bytes(TOTAL)} unique), "), lines[0]
+    assert lines[0].endswith(f"on 3 rank(s) <- {data['dist8']}"), lines[0]
+    s = hpcckpt.load_strategy(data["s3"])
+    assert lines[1] == (f"identical to {data['model']}: "
+                        f"{format_bytes(sum(s.rank_bytes(r) for r in range(3)))} compared")
+
+
+def test_load_against_differing_reference(data, tmp_path):
+    bad = dict(FULL)
+    q = bad[Q].copy()
+    q.view(np.uint32)[4, 1] ^= 0xFFFFFFFF  # all four bytes of element [4, 1] differ
+    bad[Q] = q
+    ref = write_safetensors(tmp_path / "bad.safetensors", bad,
+                            {n: dt for n, (_, dt) in TENSORS.items()})
+    fails_everywhere(["load", data["dist8"], "--strategy", data["s3"], "--against", ref], 3,
+                     f"hpcckpt load: error: rank 1: tensor '{Q}' [3:5, 0:5] differs from {ref} "
+                     "at byte 24 of this rank's slice (4 differing byte(s) in bytes [0, 40))")
+
+
+def test_load_wrong_world_size(data):
+    fails_everywhere(["load", data["dist8"], "--strategy", data["s3"]], 2,
+                     "hpcckpt load: error: strategy has 3 ranks but the job has 2; "
+                     "launch with mpiexec -n 3")
+
+
+def test_load_dry_run_plan(data, tmp_path):
+    s = write_yaml(tmp_path / "dp3.yaml", DP3)
+    doc = _load_json([data["model"], "--strategy", s, "--dry-run"], n=3)
+    assert doc["dry_run"] is True and len(doc["per_rank"]) == 3
+    assert sum(r["bytes_read"] for r in doc["per_rank"]) == TOTAL
+    assert sum(r["bytes_received"] for r in doc["per_rank"]) == 2 * TOTAL
+
+
+# ---------------------------------------------------------------------------------
+# planning one rank of a bigger job, without MPI
+# ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("transport", [[], ["--node-local"]])
+def test_simulated_rank_plan_matches_real_dry_run(data, tmp_path, transport):
+    """Rank 5 of an 8-rank job planned alone equals rank 5's row of a real 8-rank dry run."""
+    args = ["reshard", data["dist8"], tmp_path / "out", "--strategy", data["s8"], "--dry-run",
+            "--json", *transport]
+    sim = json.loads(ok(cli(args + ["--simulate-world", "8", "--simulate-rank", "5"])).stdout)
+    real = json.loads(ok(cli(args, n=8)).stdout)
+    assert sim["simulated"] is True and len(sim["per_rank"]) == 1
+    mine = sim["per_rank"][0]
+    row = real["per_rank"][5]
+    keys = ["rank", "bytes_read", "bytes_written"] + (["bytes_sent", "bytes_received"]
+                                                      if transport else [])
+    assert {k: mine[k] for k in keys} == {k: row[k] for k in keys}
+    assert mine["bytes_written"] == hpcckpt.load_strategy(data["s8"]).rank_bytes(5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_simulated_plan_without_checkpoint(data, tmp_path):
+    """A checkpoint that is not on this machine is planned from its strategy alone."""
+    missing = tmp_path / "elsewhere"
+    doc = json.loads(ok(cli(["load", missing, "--strategy", data["s8"], "--src-strategy",
+                             data["s8"], "--dry-run", "--json", "--simulate-world", "8",
+                             "--simulate-rank", "7"])).stdout)
+    row = doc["per_rank"][0]
+    assert row["rank"] == 7 and row["bytes_received"] + row["bytes_read"] >= 0
+    assert not missing.exists()
+    p = cli(["load", missing, "--strategy", data["s8"], "--dry-run", "--simulate-world", "8"])
+    has_error(p, f"hpcckpt load: error: {missing}: does not exist; a simulated dry run of a "
+                 "checkpoint that is not here needs --src-strategy")
+
+
+def test_simulate_needs_dry_run(data, tmp_path):
+    p = cli(["reshard", data["dist8"], tmp_path / "o", "--strategy", data["s8"],
+             "--simulate-world", "8"])
+    assert p.returncode == 2
+    has_error(p, "hpcckpt reshard: error: --simulate-world plans one rank of a job that is not "
+                 "running; it needs --dry-run")
+    p = cli(["reshard", data["dist8"], tmp_path / "o", "--strategy", data["s8"], "--dry-run",
+             "--simulate-world", "8", "--simulate-rank", "8"])
+    has_error(p, "hpcckpt reshard: error: --simulate-rank 8 is not a rank of a 8-rank job")

@@ -1,0 +1,124 @@
+"""Planning at scale: one rank's part of a 1024 -> 1024 reshard of a 70B-style layout.
+
+    python benchmarks/plan_scale.py [--ranks 0 511 1023] [--workdir DIR]
+
+Writes the two strategies, then for each transport (shared filesystem, node-local) and
+for load, runs ``hpcckpt ... --dry-run --simulate-world 1024 --simulate-rank R`` as its
+own process (no MPI, no checkpoint on disk: the source is what split writes for the
+source strategy) and reports that rank's planning time and the process's peak RSS,
+next to the RSS of a process that only parses the two strategies.
+
+Llama-2-70B shapes: hidden 8192, MLP 28672, 64 query heads and 8 KV heads of 128,
+vocabulary 32000, 80 layers. Every parameter (bf16) has three fp32 optimizer states
+(master copy, Adam's exp_avg and exp_avg_sq), so 723 parameters become 2,892 tensors.
+
+Source: dp16 x pp8 x tp8, optimizer states ZeRO-split over dp, layers 10 per stage.
+Destination: pp16 x tp4 x dp16 (another mesh order, 5 layers per stage), ZeRO over dp.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HIDDEN, MLP, KV, VOCAB, LAYERS = 8192, 28672, 1024, 32000, 80
+STATES = ("master", "exp_avg", "exp_avg_sq")
+
+
+def parameters() -> list[tuple[str, list[int], int | None, str | None, int]]:
+    """(name, shape, layer or None, tp-split kind, split dim) for every parameter."""
+    out = [("model.embed_tokens.weight", [VOCAB, HIDDEN], None, "tp", 0)]
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", [HIDDEN, HIDDEN], i, "tp", 0),
+                (p + "self_attn.k_proj.weight", [KV, HIDDEN], i, "tp", 0),
+                (p + "self_attn.v_proj.weight", [KV, HIDDEN], i, "tp", 0),
+                (p + "self_attn.o_proj.weight", [HIDDEN, HIDDEN], i, "tp", 1),
+                (p + "mlp.gate_proj.weight", [MLP, HIDDEN], i, "tp", 0),
+                (p + "mlp.up_proj.weight", [MLP, HIDDEN], i, "tp", 0),
+                (p + "mlp.down_proj.weight", [HIDDEN, MLP], i, "tp", 1),
+                (p + "input_layernorm.weight", [HIDDEN], i, None, 0),
+                (p + "post_attention_layernorm.weight", [HIDDEN], i, None, 0)]
+    out += [("model.norm.weight", [HIDDEN], LAYERS - 1, None, 0),
+            ("lm_head.weight", [VOCAB, HIDDEN], LAYERS - 1, "tp", 0)]
+    return out
+
+
+def strategy_dict(mesh: dict[str, int]) -> dict:
+    pp = mesh.get("pp", 1)
+    per_stage = -(-LAYERS // pp)
+    tensors = {}
+    for name, shape, layer, kind, dim in parameters():
+        split = [None] * len(shape)
+        if kind:
+            split[dim] = "tp"
+        stage = 0 if layer is None else layer // per_stage
+        base = {"shape": shape, "split": split, "stage": stage}
+        tensors[name] = {**base, "dtype": "BF16"}
+        for s in STATES:
+            tensors[f"optimizer.{s}.{name}"] = {**base, "dtype": "F32", "zero": "dp"}
+    return {"format": "hpcckpt.strategy/1", "mesh": mesh, "tensors": tensors}
+
+
+SOURCE_MESH = {"dp": 16, "pp": 8, "tp": 8}
+DEST_MESH = {"pp": 16, "tp": 4, "dp": 16}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[0, 511, 1023])
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    import hpcckpt
+    from hpcckpt.layout.yaml_io import write_strategy_yaml
+    work = args.workdir or tempfile.mkdtemp(prefix="hpcckpt-plan-scale.")
+    os.makedirs(work, exist_ok=True)
+    src, dst = os.path.join(work, "src.yaml"), os.path.join(work, "dst.yaml")
+    s_src = hpcckpt.strategy_from_dict(strategy_dict(SOURCE_MESH))
+    s_dst = hpcckpt.strategy_from_dict(strategy_dict(DEST_MESH))
+    write_strategy_yaml(s_src, src)
+    write_strategy_yaml(s_dst, dst)
+    print(f"source {s_src.mesh}, destination {s_dst.mesh}: {len(s_src.tensors)} tensors, "
+          f"{s_src.unique_bytes / 2**30:.0f} GiB unique, {s_src.world_size} ranks")
+    missing = os.path.join(work, "not-on-this-machine")
+    modes = {"reshard shared-fs": ["reshard", missing, os.path.join(work, "out"), "--strategy",
+                                   dst, "--src-strategy", src],
+             "reshard node-local": ["reshard", missing, os.path.join(work, "out"), "--strategy",
+                                    dst, "--src-strategy", src, "--node-local"],
+             "load": ["load", missing, "--strategy", dst, "--src-strategy", src]}
+    # baseline: a process that imports hpcckpt and parses both strategies
+    code = ("import resource, hpcckpt; [hpcckpt.load_strategy(p) for p in %r]; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % ([src, dst],))
+    base = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                              text=True).stdout) / 1024
+    print(f"baseline (import + parse both strategies): peak RSS {base:.0f} MiB\n")
+    print(f"| mode | rank | plan s | peak RSS MiB | read | sent | received | files opened |")
+    print(f"|---|---|---|---|---|---|---|---|")
+    for mode, cmd in modes.items():
+        times = []
+        for r in args.ranks:
+            code = ("import resource, sys, runpy; sys.argv = ['hpcckpt'] + %r; "
+                    "from hpcckpt.cli.main import main; rc = main(sys.argv[1:]); "
+                    "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+                    % (cmd + ["--dry-run", "--json", "--simulate-world", "1024",
+                              "--simulate-rank", str(r)],))
+            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                 text=True).stdout.splitlines()
+            res = json.loads(out[0])
+            rss = int(out[1].split()[1]) / 1024
+            row = res["per_rank"][0]
+            times.append(row["plan_seconds"])
+            print(f"| {mode} | {r} | {row['plan_seconds']:.2f} | {rss:.0f} | "
+                  f"{row['bytes_read'] / 2**30:.2f} GiB | {row.get('bytes_sent', 0) / 2**30:.2f} GiB"
+                  f" | {row.get('bytes_received', 0) / 2**30:.2f} GiB | {row['source_files']} |")
+        print(f"<!-- {mode}: median plan {statistics.median(times):.2f} s -->")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""hpcckpt load PATH --strategy S [--against REF]"""
+from __future__ import annotations
+
+import argparse
+
+from ..layout.loader import load_strategy
+from ..ops.load import load_job
+from .common import add_exchange_options, add_run_options, add_simulate_options, examples
+
+HELP = "load this job's slices under a strategy from any checkpoint; report traffic per rank"
+EXAMPLES = examples("""
+mpiexec -n 8 hpcckpt load dist/ --strategy dp2_tp4.yaml
+mpiexec -n 8 hpcckpt load hf_model/ --strategy dp2_tp4.yaml --against dist/ --json
+""")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("load", help=HELP, description=HELP + ". Each unique byte is read from "
+                       "disk once, by one rank holding it; its replicas receive it over MPI.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="any checkpoint: complete weights or distributed (full or "
+                                "de-duplicated, any strategy)")
+    p.add_argument("--strategy", required=True, help="the layout to load into (world size = job)")
+    p.add_argument("--src-strategy", help="source strategy (when PATH has no manifest.json)")
+    p.add_argument("--against", metavar="REF",
+                   help="compare every loaded byte with checkpoint REF; differences are an error")
+    add_run_options(p, writes=False)
+    add_exchange_options(p)
+    add_simulate_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args, comm):
+    with comm.step("read strategy"):
+        strategy = load_strategy(args.strategy)
+        src = load_strategy(args.src_strategy) if args.src_strategy else None
+    return load_job(args.path, strategy, comm, against=args.against, src_strategy=src,
+                    dry_run=args.dry_run, buffer_size=args.buffer_size,
+                    budget=args.exchange_budget, max_message=args.max_message)
