@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,8 +96,8 @@ def main(argv=None) -> int:
     base = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                               text=True).stdout) / 1024
     print(f"baseline (import + parse both strategies): peak RSS {base:.0f} MiB\n")
-    print(f"| mode | rank | plan s | peak RSS MiB | read | sent | received | files opened |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("| mode | rank | plan s | peak RSS MiB | read | sent | received | files opened |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, cmd in modes.items():
         times = []
         for r in args.ranks:

@@ -56,9 +56,14 @@ def print_result(result: OpResult, as_json: bool, out=sys.stdout) -> None:
         print(json.dumps(result.to_dict()), file=out)
         return
     if result.dry_run:
-        print(f"{result.op} plan (dry run, nothing written): {result.files} file(s), "
-              f"{format_bytes(result.bytes_written)} to write on {result.world_size} rank(s)",
-              file=out)
+        if result.op == "load":
+            print(f"load plan (dry run, nothing read): {format_bytes(result.bytes_read)} to read "
+                  f"from disk ({format_bytes(result.extra['unique_bytes'])} unique) on "
+                  f"{result.world_size} rank(s)", file=out)
+        else:
+            print(f"{result.op} plan (dry run, nothing written): {result.files} file(s), "
+                  f"{format_bytes(result.bytes_written)} to write on {result.world_size} "
+                  "rank(s)", file=out)
         keys = [k for k in result.per_rank[0] if k != "rank"] if result.per_rank else []
         print("  rank " + "".join(f"{k:>18}" for k in keys), file=out)
         for r in result.per_rank:

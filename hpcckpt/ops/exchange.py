@@ -23,7 +23,8 @@ from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..planning.assign import dedup_assignment
 from ..planning.outputs import rank_file, rank_files
-from ..planning.routes import Route, RoutePlan, destinations_touching, plan_routes
+from ..planning.routes import (Route, RoutePlan, destinations_touching, plan_routes,
+                               prefer_receiver)
 from ..planning.runs import flat_range_to_boxes, strided_runs
 from ..planning.sources import SourceChunk, SourceIndex, TensorInfo, strategy_source
 from ..storage.atomic import atomic_write_json, partial_name
@@ -301,20 +302,22 @@ def reshard_state(local_state: dict[str, np.ndarray], src_strategy: Strategy,
                                   f"but the source strategy gives this rank {t.dtype} "
                                   f"{list(box.sizes)} at {box}")
             mine[(t.name, box)] = _as_bytes(np.ascontiguousarray(a).reshape(box.sizes))
-        source = strategy_source(src_strategy, lambda r: f"mem:{r}")
-
-        def choose(c: SourceChunk, t, d, k: int) -> int:
-            holders = [int(f[4:]) for f in c.files]
-            return k if k in holders else holders[k % len(holders)]
-
-        destinations = destinations_touching(
-            dst_strategy, ((t.name, b) for t, b in dst_strategy.rank_boxes(comm.rank)),
-            ((t.name, b) for t, b in src_strategy.rank_boxes(comm.rank)))
-        plan = plan_routes(comm.rank, destinations, source, choose)
+        plan = plan_reshard_state(src_strategy, dst_strategy, comm.rank)
         out, targets = _allocate(dst_strategy, comm.rank)
     execute_routes(comm, plan, _region_reader(lambda r: ("mem", mine[(r.tensor.name, r.src.box)], 0)),
                    _memory_writer(targets), 64 << 20, budget, max_message, "reshard_state")
     return out
+
+
+def plan_reshard_state(src: Strategy, dst: Strategy, rank: int) -> RoutePlan:
+    """Rank ``rank``'s routes moving slices held under ``src`` to their holders under
+    ``dst``. Pure. A slice the receiver already holds is copied locally."""
+    source = strategy_source(src, lambda r: f"mem:{r}")
+    destinations = destinations_touching(
+        dst, ((t.name, b) for t, b in dst.rank_boxes(rank)),
+        ((t.name, b) for t, b in src.rank_boxes(rank)))
+    return plan_routes(rank, destinations, source,
+                       prefer_receiver(lambda c, t: [int(f[4:]) for f in c.files]))
 
 
 # ---- node-local reshard ---------------------------------------------------------------
@@ -354,7 +357,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                 dir_holders.setdefault(d, []).append(j)
     with comm.step("plan routes"):
         assignment = dedup_assignment(strategy) if dedup else None
-        owner = lambda d: d % comm.size  # noqa: E731 - the ownership rule, in one place
+        owner = lambda d: d % comm.size  # noqa: E731 - as in plan_node_local
         if options.dry_run:  # only this rank's files: planning cost stays per rank
             files = [rank_file(strategy, prefix, d, assignment)
                      for d in range(comm.rank, strategy.world_size, comm.size)]
@@ -362,24 +365,9 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
             files = rank_files(strategy, prefix, assignment)
         my_files = [(i, f) for i, f in enumerate(files) if owner(f.rank) == comm.rank]
 
-        def receivers(name: str, box: Box, ranks: tuple[int, ...]) -> tuple[int, ...]:
-            holders = ranks if assignment is None else (assignment[(name, box)],)
-            return tuple(sorted({owner(d) for d in holders}))
-
-        def local_replicas(c: SourceChunk) -> list[int]:
-            return sorted({j for d in c.rank_dirs() for j in dir_holders.get(d, ())})
-
-        def choose(c: SourceChunk, t, d, k: int) -> int:
-            holders = local_replicas(c)
-            if not holders:
-                raise FormatError(f"tensor {t.name!r} chunk {c.box}: no rank has "
-                                  f"{' or '.join(c.files)} on its node")
-            return k if k in holders else holders[k % len(holders)]
-
-        provided = _stored_in(inp, local_dirs)
         mine = [(e.name, e.box) for _, f in my_files for e in f.entries]
-        destinations = destinations_touching(strategy, mine, provided, receivers)
-        plan = plan_routes(comm.rank, destinations, inp.source, choose)
+        plan = plan_node_local(inp.source, strategy, comm.rank, comm.size, dir_holders,
+                               _stored_in(inp, local_dirs), mine, assignment)
     if options.dry_run:
         summary = {**plan_summary(plan, comm.size, sends_read_disk=True, local_dirs=local_dirs),
                    "bytes_written": sum(f.data_bytes for _, f in my_files),
@@ -455,6 +443,33 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                     extra={"transport": "node-local", "dedup": dedup,
                            "bytes_sent": sum(r["bytes_sent"] for r in per_rank),
                            "rounds": st.rounds, "strategy_world_size": strategy.world_size})
+
+
+def plan_node_local(source: SourceIndex, strategy: Strategy, rank: int, size: int,
+                    dir_holders: dict[int, list[int]], provided: list[tuple[str, Box]],
+                    mine: list[tuple[str, Box]], assignment: dict | None) -> RoutePlan:
+    """Rank ``rank``'s routes for a node-local reshard. Pure.
+
+    ``dir_holders``: source rank directory -> job ranks that have it on their node;
+    ``provided``: (tensor, box) stored in this rank's directories (a superset is fine);
+    ``mine``: the destination boxes in the files this rank writes; ``assignment``: the
+    destination's de-duplication choice, or None (full). Destination file ``d`` is
+    written by job rank ``d % size``; a region is read by a rank having it on its node,
+    the writer itself whenever it can.
+    """
+    def receivers(name: str, box: Box, ranks: tuple[int, ...]) -> tuple[int, ...]:
+        holders = ranks if assignment is None else (assignment[(name, box)],)
+        return tuple(sorted({d % size for d in holders}))
+
+    def holders_of(c: SourceChunk, t: TensorInfo) -> list[int]:
+        holders = sorted({j for d in c.rank_dirs() for j in dir_holders.get(d, ())})
+        if not holders:
+            raise FormatError(f"tensor {t.name!r} chunk {c.box}: no rank has "
+                              f"{' or '.join(c.files)} on its node")
+        return holders
+
+    destinations = destinations_touching(strategy, mine, provided, receivers)
+    return plan_routes(rank, destinations, source, prefer_receiver(holders_of))
 
 
 def _stored_in(inp, dirs: list[int]) -> list[tuple[str, Box]]:

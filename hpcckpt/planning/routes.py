@@ -85,6 +85,16 @@ def plan_routes(rank: int, destinations: Iterable[tuple[int, TensorInfo, Box, tu
     return RoutePlan(rank, sends, recvs, local)
 
 
+def prefer_receiver(holders_of: Callable[[SourceChunk, TensorInfo], list[int]]) -> Chooser:
+    """A chooser: the receiver itself when it holds the chunk (a local copy, nothing
+    sent), else one holder picked by the receiver's rank, so the receivers of a
+    replicated chunk spread over its holders."""
+    def choose(c: SourceChunk, t: TensorInfo, d: Box, k: int) -> int:
+        holders = holders_of(c, t)
+        return k if k in holders else holders[k % len(holders)]
+    return choose
+
+
 #: receivers(tensor name, destination box, ranks holding it in the strategy) -> ranks
 Receivers = Callable[[str, Box, tuple[int, ...]], tuple[int, ...]]
 
