@@ -26,8 +26,9 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
 def add_exchange_options(p: argparse.ArgumentParser) -> None:
     """Options of commands whose bytes travel between ranks over MPI."""
     g = p.add_argument_group("exchange options")
-    g.add_argument("--exchange-budget", type=parse_size, default=parse_size("256MiB"),
-                   metavar="SIZE", help="bytes in flight per rank per exchange round")
+    g.add_argument("--exchange-budget", type=parse_size, default=parse_size("64MiB"),
+                   metavar="SIZE", help="send + receive buffers per rank per exchange round "
+                   "(default 64MiB)")
     g.add_argument("--max-message", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
                    help="largest single MPI message (kept below 2 GiB)")
 

@@ -10,7 +10,8 @@ total length both sides know from planning. Each round:
 3. one Alltoallv on uint8 buffers moves the bytes.
 
 No single message exceeds ``max_message`` bytes (kept below 2 GiB, MPI's int count
-limit), and no rank holds more than ``budget`` bytes of send or receive buffer. An
+limit), and no rank holds more than ``budget`` bytes of send and receive buffers
+together (half each). An
 error on any rank is seen by every rank in the next round's status and ends the loop
 everywhere with the same RankFailure.
 """
@@ -38,7 +39,7 @@ def exchange_streams(comm: Comm, send_totals: np.ndarray, recv_totals: np.ndarra
                      max_message: int = 1 << 30, step: str = "exchange") -> dict:
     """Move every stream to completion. Returns counters: rounds, bytes_sent, bytes_received."""
     size = comm.size
-    budget = max(64, min(int(budget), MAX_MPI_MESSAGE))
+    budget = max(64, min(int(budget) // 2, MAX_MPI_MESSAGE))  # per direction
     max_message = max(16, min(int(max_message), MAX_MPI_MESSAGE))
     sent = np.zeros(size, np.int64)
     recvd = np.zeros(size, np.int64)

@@ -36,7 +36,9 @@ from .common import build_manifest, check_tensors_match
 from .filecopy import CopyOptions, _create, _hash_entry, checksum_of, remove_files
 from .result import OpResult
 
-DEFAULT_BUDGET = 256 << 20
+#: send + receive buffers per rank per round; with the 64 MiB copy buffer and the
+#: reader's scratch this keeps a rank near 250 MiB
+DEFAULT_BUDGET = 64 << 20
 DEFAULT_MAX_MESSAGE = 1 << 30
 
 #: read(route, sub_box, out, out_base): C-order bytes of sub_box (inside route.region)
@@ -57,13 +59,16 @@ def execute_routes(comm: Comm, plan: RoutePlan, read: ReadFn, write: WriteFn, bu
                    budget: int, max_message: int, step: str = "exchange") -> RouteStats:
     stats = RouteStats()
     with comm.step(f"{step}: local copies"):
-        buf = np.empty(max(16, buffer_size), np.uint8)
+        # no bigger than the largest local route, and freed before the exchange
+        buf = np.empty(max(16, min(buffer_size, max((r.nbytes for r in plan.local), default=0))),
+                       np.uint8)
         for route in plan.local:
             for sub, _, _ in _pieces(route, 0, route.nbytes, len(buf)):
                 n = sub.volume * route.tensor.itemsize
                 read(route, sub, buf, 0)
                 write(route, sub, buf, 0)
                 stats.bytes_local += n
+        del buf
     send_tot, recv_tot = plan.totals(comm.size)
     sends = {k: _Stream(rs) for k, rs in plan.sends.items()}
     recvs = {j: _Stream(rs) for j, rs in plan.recvs.items()}
