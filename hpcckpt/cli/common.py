@@ -16,7 +16,7 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
     g.add_argument("--dry-run", action="store_true",
                    help="print the plan (bytes read and written per rank) without writing")
     g.add_argument("--buffer-size", type=parse_size, default=DEFAULT_BUFFER, metavar="SIZE",
-                   help="copy buffer per rank (default 64MiB); bounds memory")
+                   help="copy buffer per rank (default 4MiB); bounds memory")
     if writes:
         g.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
         g.add_argument("--no-fsync", action="store_true",

@@ -6,6 +6,9 @@ The protocol (all steps collective, any rank's failure fails every rank):
 2. create    creators make ``<file>.partial`` at full size with its header
 3. copy      each rank reads the source regions of its pieces through a bounded
              buffer and writes them with positioned writes, hashing whole entries
+             (unless the output keeps no checksums). With fsync, the writeback of each
+             window starts as soon as it is written and each rank fsyncs the files it
+             wrote: the disk works while the copy goes on, not after it
 4. checksum  entries split across ranks are hashed by one rank after a barrier
 5. commit    partial files are renamed; rank 0 writes the index/manifest last
 
@@ -29,13 +32,13 @@ from ..layout.box import Box
 from ..planning.outputs import OutputFile, WritePiece
 from ..planning.runs import strided_runs, tile_contiguous
 from ..planning.sources import SourceIndex, TensorInfo
-from ..storage.atomic import partial_name
+from ..storage.atomic import fsync_dir, partial_name
 from ..storage.chunkio import ChunkReader
-from ..storage.safetensors_io import pread_into, pwrite_all
+from ..storage.safetensors_io import pread_into, pwrite_all, start_writeback
 from .progress import Progress
 from .result import OpResult
 
-DEFAULT_BUFFER = 64 << 20
+DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,11 @@ def check_not_input(out: str, inputs: tuple[str, ...]) -> None:
 def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
                 files: list[OutputFile], pieces: list[list[WritePiece]],
                 commit: Callable[[dict[tuple[int, int], str]], None], op: str,
-                opts: CopyOptions, marker_first: bool = False) -> OpResult:
+                opts: CopyOptions, marker_first: bool = False,
+                checksums_needed: bool = True) -> OpResult:
     """Run steps 2-5 above. ``commit(checksums)`` runs on rank 0 after every rename, or
-    before them with ``marker_first`` (complete weights, see below)."""
+    before them with ``marker_first`` (complete weights, see below). Without
+    ``checksums_needed`` nothing is hashed and ``commit`` gets an empty mapping."""
     t0 = time.perf_counter()
     mine = pieces[comm.rank] if comm.rank < len(pieces) else []
     written = sum(p.nbytes for p in mine)
@@ -107,7 +112,7 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
         with comm.step("create files"):
             for i, f in enumerate(files):
                 if i % comm.size == comm.rank:
-                    created.append(_create(os.path.join(out, f.path), f))
+                    created.append(_create(os.path.join(out, f.path), f, opts.fsync))
         with comm.step("copy"):
             progress = Progress(written, f"{op} (rank 0)", comm.rank == 0 and opts.progress)
             buf = np.empty(min(opts.buffer_size, max((p.nbytes for p in mine), default=0)) or 1,
@@ -118,23 +123,28 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
                 fd = handles.get(p.file)
                 if fd is None:
                     fd = handles[p.file] = _open_rw(os.path.join(out, partial_name(f.path)))
-                h = hashers.setdefault((p.file, p.entry), xxhash.xxh3_64()) if p.whole else None
-                _copy_piece(reader, source, f, p, fd, os.path.join(out, f.path), buf, h, progress)
+                h = (hashers.setdefault((p.file, p.entry), xxhash.xxh3_64())
+                     if p.whole and checksums_needed else None)
+                _copy_piece(reader, source, f, p, fd, os.path.join(out, f.path), buf, h, progress,
+                            opts.fsync)
             for key, h in hashers.items():
                 checksums[key] = "xxh3_64:" + h.hexdigest()
+            del buf
             if opts.fsync:
                 for i, fd in handles.items():
-                    os.fsync(fd)
+                    _fsync(fd, os.path.join(out, partial_name(files[i].path)))
             progress.close()
         with comm.step("checksum"):
-            for (fi, ei) in _split_entries_owned(pieces, comm.rank):
-                checksums[(fi, ei)] = _hash_entry(os.path.join(out, partial_name(files[fi].path)),
-                                                  files[fi].entries[ei], opts.buffer_size)
-            if comm.rank == 0:
-                for fi, f in enumerate(files):
-                    for ei, e in enumerate(f.entries):
-                        if e.nbytes == 0:
-                            checksums[(fi, ei)] = checksum_of(b"")
+            if checksums_needed:
+                for (fi, ei) in _split_entries_owned(pieces, comm.rank):
+                    checksums[(fi, ei)] = _hash_entry(
+                        os.path.join(out, partial_name(files[fi].path)), files[fi].entries[ei],
+                        opts.buffer_size)
+                if comm.rank == 0:
+                    for fi, f in enumerate(files):
+                        for ei, e in enumerate(f.entries):
+                            if e.nbytes == 0:
+                                checksums[(fi, ei)] = checksum_of(b"")
         gathered = comm.gather((checksums, reader.bytes_read))
         # Distributed outputs: the manifest, written after every rename, is the commit.
         # Complete weights have no single marker, so the index/name map goes first and
@@ -143,9 +153,13 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
         for name in (("commit", "rename") if marker_first else ("rename", "commit")):
             with comm.step(name):
                 if name == "rename":
+                    dirs = dict.fromkeys(os.path.dirname(p) for p in created)
                     for path in created:
                         os.replace(path, path[: -len(".partial")])
                     created.clear()
+                    if opts.fsync:   # the renames themselves survive a crash
+                        for d in dirs:
+                            fsync_dir(d or ".")
                 elif comm.rank == 0:
                     allsums = {}
                     for sums, _ in gathered:
@@ -174,7 +188,9 @@ def remove_files(paths: list[str]) -> None:
             pass
 
 
-def _create(final: str, f: OutputFile) -> str:
+def _create(final: str, f: OutputFile, fsync: bool = False) -> str:
+    """``<final>.partial`` at its full size with its header. A file with no data bytes
+    is complete now (fsynced here with ``fsync``: no rank will write it again)."""
     path = partial_name(final)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
@@ -182,10 +198,14 @@ def _create(final: str, f: OutputFile) -> str:
     except OSError as e:
         raise CheckpointIOError(f"{path}: cannot create: {e.strerror or e}") from None
     try:
-        os.ftruncate(fd, f.size)
-        pwrite_all(fd, memoryview(f.header), 0, path)
-    except OSError as e:
-        raise CheckpointIOError(f"{path}: cannot size to {f.size} bytes: {e.strerror or e}") from None
+        try:
+            os.ftruncate(fd, f.size)
+            pwrite_all(fd, memoryview(f.header), 0, path)
+        except OSError as e:
+            raise CheckpointIOError(f"{path}: cannot size to {f.size} bytes: "
+                                    f"{e.strerror or e}") from None
+        if fsync and f.data_bytes == 0:
+            _fsync(fd, path)
     finally:
         os.close(fd)
     return path
@@ -198,8 +218,18 @@ def _open_rw(path: str) -> int:
         raise CheckpointIOError(f"{path}: cannot open for writing: {e.strerror or e}") from None
 
 
+def _fsync(fd: int, path: str) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise CheckpointIOError(f"{path}: fsync failed: {e.strerror or e}") from None
+
+
 def _copy_piece(reader: ChunkReader, source: SourceIndex, f: OutputFile, p: WritePiece, fd: int,
-                path: str, buf: np.ndarray, hasher, progress: "Progress") -> None:
+                path: str, buf: np.ndarray, hasher, progress: "Progress",
+                writeback: bool = False) -> None:
+    """Fill piece ``p`` tile by tile (a tile: contiguous in the output, at most the
+    buffer); ``writeback`` starts writing each tile to disk as soon as it is written."""
     e = f.entries[p.entry]
     t = TensorInfo(e.name, e.global_shape, e.dtype)
     isz = e.itemsize
@@ -223,6 +253,8 @@ def _copy_piece(reader: ChunkReader, source: SourceIndex, f: OutputFile, p: Writ
             hasher.update(view)
         offset = e.begin + sum(o * s for o, s in zip(tile_rel.offsets, strides)) * isz
         pwrite_all(fd, view, offset, path)
+        if writeback:
+            start_writeback(fd, offset, nbytes)
         progress.update(nbytes)
 
 
