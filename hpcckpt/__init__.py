@@ -9,17 +9,38 @@ Public API (SPEC 4)::
     hpcckpt.reshard("dist/", "dist2/", other_strategy, comm=MPI.COMM_WORLD)
     state = hpcckpt.load("dist/", strategy, comm=MPI.COMM_WORLD)    # this rank's slices
     state = hpcckpt.reshard_state(state, strategy, other_strategy, comm=MPI.COMM_WORLD)
+
+Names are imported on first use, so a command (every rank of a job) imports only the
+modules it needs: start-up is part of every command's wall time.
 """
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
 
 from .errors import (CheckpointIOError, FormatError, HpcckptError, LaunchError, RankFailure,
                      StrategyError, UsageError)
-from .layout import Box, Mesh, Strategy, TensorSpec, load_strategy, strategy_from_dict
-from .ops.exchange import load, reshard_state
-from .ops.merge import merge
-from .ops.reshard import reshard
-from .ops.split import split
 
-__all__ = ["Box", "CheckpointIOError", "FormatError", "HpcckptError", "LaunchError", "Mesh",
-           "RankFailure", "Strategy", "StrategyError", "TensorSpec", "UsageError",
-           "load", "load_strategy", "merge", "reshard", "reshard_state", "split", "strategy_from_dict"]
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Box": "layout", "Mesh": "layout", "Strategy": "layout", "TensorSpec": "layout",
+    "load_strategy": "layout", "strategy_from_dict": "layout",
+    "load": "ops.exchange", "reshard_state": "ops.exchange",
+    "merge": "ops.merge", "reshard": "ops.reshard", "split": "ops.split",
+}
+
+__all__ = ["CheckpointIOError", "FormatError", "HpcckptError", "LaunchError", "RankFailure",
+           "StrategyError", "UsageError", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hpcckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -5,7 +5,6 @@ import argparse
 import json
 
 from ..layout.loader import load_strategy
-from ..ops.inspect import describe_path
 from ..units import format_bytes
 from .common import examples
 
@@ -28,6 +27,7 @@ def register(sub) -> None:
 
 
 def run(args, comm):
+    from ..ops.inspect import describe_path  # on use: start-up is every rank's wall time
     with comm.step("inspect"):
         strategy = load_strategy(args.strategy) if args.strategy else None
         info = describe_path(args.path, strategy, args.tensors) if comm.rank == 0 else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from ..layout.loader import load_strategy
-from ..ops.load import load_job
 from .common import add_exchange_options, add_run_options, add_simulate_options, examples
 
 HELP = "load this job's slices under a strategy from any checkpoint; report traffic per rank"
@@ -31,6 +30,7 @@ def register(sub) -> None:
 
 
 def run(args, comm):
+    from ..ops.load import load_job  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy)
         src = load_strategy(args.src_strategy) if args.src_strategy else None

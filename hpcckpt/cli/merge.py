@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from ..layout.loader import load_strategy
-from ..ops.merge import merge
 from ..units import parse_size
 from .common import add_run_options, copy_options, examples
 
@@ -33,6 +32,7 @@ def register(sub) -> None:
 
 
 def run(args, comm):
+    from ..ops.merge import merge  # on use: start-up is every rank's wall time
     strategy = None
     if args.strategy:
         with comm.step("read strategy"):

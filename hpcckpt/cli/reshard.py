@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from ..layout.loader import load_strategy
-from ..ops.reshard import reshard
 from .common import (add_exchange_options, add_run_options, add_simulate_options, copy_options,
                      examples)
 
@@ -35,6 +34,7 @@ def register(sub) -> None:
 
 
 def run(args, comm):
+    from ..ops.reshard import reshard  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
         dst = load_strategy(args.strategy.format(rank=comm.rank))
         src = load_strategy(args.src_strategy.format(rank=comm.rank)) if args.src_strategy else None

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from ..layout.loader import load_strategy
-from ..ops.split import split
 from .common import add_run_options, copy_options, examples
 
 HELP = "complete weights -> distributed checkpoint under a strategy"
@@ -25,6 +24,7 @@ def register(sub) -> None:
 
 
 def run(args, comm):
+    from ..ops.split import split  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy)
     return split(args.complete, args.out, strategy, dedup=args.dedup, prefix=args.prefix,
