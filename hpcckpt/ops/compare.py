@@ -11,10 +11,11 @@ from ..planning.sources import TensorInfo
 from ..storage.chunkio import ChunkReader
 from ..storage.inputs import open_input
 from .common import check_tensors_match
+from .filecopy import DEFAULT_BUFFER
 
 
 def compare_slices(arrays: dict[str, np.ndarray], strategy: Strategy, rank: int, ref: str,
-                   buffer_size: int = 64 << 20) -> int:
+                   buffer_size: int = DEFAULT_BUFFER) -> int:
     """Compare this rank's ``arrays`` (its boxes under ``strategy``) with the same regions
     of checkpoint ``ref``, window by window through one bounded buffer.
 

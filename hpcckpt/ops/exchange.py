@@ -33,11 +33,12 @@ from ..storage.inputs import open_input, open_source, rank_dirs
 from ..storage.manifest import MANIFEST
 from ..layout.yaml_io import write_strategy_yaml
 from .common import build_manifest, check_tensors_match
-from .filecopy import CopyOptions, _create, _hash_entry, checksum_of, remove_files
+from .filecopy import (DEFAULT_BUFFER, CopyOptions, _create, _hash_entry, checksum_of,
+                       remove_files)
 from .result import OpResult
 
-#: send + receive buffers per rank per round; with the 64 MiB copy buffer and the
-#: reader's scratch this keeps a rank near 250 MiB
+#: send + receive buffers per rank per round: with the copy buffer and the reader's
+#: scratch (4 MiB each) a node-local reshard of W1 peaks at 115 MiB per rank
 DEFAULT_BUDGET = 64 << 20
 DEFAULT_MAX_MESSAGE = 1 << 30
 
@@ -200,7 +201,7 @@ def plan_load(source: SourceIndex, strategy: Strategy, rank: int) -> RoutePlan:
 
 
 def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDGET,
-         max_message: int = DEFAULT_MAX_MESSAGE, buffer_size: int = 64 << 20,
+         max_message: int = DEFAULT_MAX_MESSAGE, buffer_size: int = DEFAULT_BUFFER,
          stats: dict | None = None, src_strategy: Strategy | None = None
          ) -> dict[str, np.ndarray]:
     """This rank's slices of every tensor under ``strategy``, from any checkpoint.
@@ -310,7 +311,7 @@ def reshard_state(local_state: dict[str, np.ndarray], src_strategy: Strategy,
         plan = plan_reshard_state(src_strategy, dst_strategy, comm.rank)
         out, targets = _allocate(dst_strategy, comm.rank)
     execute_routes(comm, plan, _region_reader(lambda r: ("mem", mine[(r.tensor.name, r.src.box)], 0)),
-                   _memory_writer(targets), 64 << 20, budget, max_message, "reshard_state")
+                   _memory_writer(targets), DEFAULT_BUFFER, budget, max_message, "reshard_state")
     return out
 
 

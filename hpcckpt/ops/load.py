@@ -13,13 +13,14 @@ from ..layout.strategy import Strategy
 from ..storage.inputs import open_source
 from .common import check_tensors_match
 from .compare import compare_slices
-from .exchange import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE, _check_world, load, plan_load, plan_summary
+from .exchange import (DEFAULT_BUDGET, DEFAULT_BUFFER, DEFAULT_MAX_MESSAGE, _check_world, load,
+                       plan_load, plan_summary)
 from .result import OpResult
 
 
 def load_job(path: str, strategy: Strategy, comm: Comm, *, against: str | None = None,
              src_strategy: Strategy | None = None, dry_run: bool = False,
-             buffer_size: int = 64 << 20, budget: int = DEFAULT_BUDGET,
+             buffer_size: int = DEFAULT_BUFFER, budget: int = DEFAULT_BUDGET,
              max_message: int = DEFAULT_MAX_MESSAGE) -> OpResult:
     t0 = time.perf_counter()
     if dry_run:
