@@ -35,7 +35,6 @@ import math
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -48,8 +47,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run  # noqa: E402  (benchmarks/run.py: workload, setup, floors, cache, prefault)
 from run import (GiB, MiB, BenchError, Ctx, Op, W1_DTYPE, W1_SHAPE, W1_TENSORS,  # noqa: E402
-                 cat_floor, child_env, find_mpiexec, fsync_tree, prefault, remove, set_cache,
-                 setup, time_floor, time_launch, w1_names)
+                 cat_floor, find_mpiexec, fsync_tree, prefault, remove, set_cache,
+                 run_tool, setup, time_floor, time_launch, w1_names)
 
 import hpcckpt  # noqa: E402  (run.py has put the checkout on sys.path if needed)
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml  # noqa: E402
@@ -298,24 +297,7 @@ def run_case(s: Setup, case: Case, fsync: bool, timed: bool = True, extra=()) ->
         if ctx.args.prefault:
             held = sum(case.held(s, r) for r in range(ctx.args.ranks))
             prefault(max(case.op.unique(ctx), held) + (ctx.args.ranks + 1) * (256 << 20))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise BenchError(f"{case.label} failed ({proc.returncode}): {shlex.join(cmd)}\n"
-                         f"{proc.stdout}{proc.stderr}")
-    summary = {}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            summary = json.loads(line)
-            break
-    rss = {}
-    for p in rss_dir.glob("rss_rank_*.txt"):
-        rss[int(p.stem.rsplit("_", 1)[1])] = int(p.read_text()) / 1024   # KiB -> MiB
-    remove(rss_dir)
-    if len(rss) != ctx.args.ranks:
-        print(f"    warning: peak RSS reported by {len(rss)} of {ctx.args.ranks} ranks",
-              flush=True)
+    dt, summary, rss = run_tool(cmd, rss_dir, case.label, ctx.args.ranks)
     if timed:
         for out in case.outputs(s):
             if out.exists():

@@ -323,20 +323,13 @@ def time_floor(ctx: Ctx, op: Op, fsync: bool) -> float:
     return dt
 
 
-def time_tool(ctx: Ctx, op: Op, fsync: bool) -> dict:
-    out = ctx.root / f"out_{op.name}"
-    remove(out)
-    rss_dir = ctx.root / f"rss_{op.name}"
-    remove(rss_dir)
-    cmd = ctx.launch(op.tool(ctx, out, fsync), rss_dir)
-    set_cache(op.tool_inputs(ctx), ctx.args.cache)
-    if ctx.args.prefault:
-        prefault(prefault_bytes(ctx, op))
+def run_tool(cmd: list[str], rss_dir: Path, label: str, ranks: int) -> tuple[float, dict, dict]:
+    """Run one launched tool command: (wall seconds, its --json summary, {rank: peak RSS MiB})."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise BenchError(f"{op.name} failed ({proc.returncode}): {shlex.join(cmd)}\n"
+        raise BenchError(f"{label} failed ({proc.returncode}): {shlex.join(cmd)}\n"
                          f"{proc.stdout}{proc.stderr}")
     summary = {}
     for line in reversed(proc.stdout.splitlines()):
@@ -347,9 +340,21 @@ def time_tool(ctx: Ctx, op: Op, fsync: bool) -> dict:
     for p in rss_dir.glob("rss_rank_*.txt"):
         rss[int(p.stem.rsplit("_", 1)[1])] = int(p.read_text()) / 1024   # KiB -> MiB
     remove(rss_dir)
-    if len(rss) != ctx.args.ranks:
-        print(f"    warning: peak RSS reported by {len(rss)} of {ctx.args.ranks} ranks",
-              flush=True)
+    if len(rss) != ranks:
+        print(f"    warning: peak RSS reported by {len(rss)} of {ranks} ranks", flush=True)
+    return dt, summary, rss
+
+
+def time_tool(ctx: Ctx, op: Op, fsync: bool) -> dict:
+    out = ctx.root / f"out_{op.name}"
+    remove(out)
+    rss_dir = ctx.root / f"rss_{op.name}"
+    remove(rss_dir)
+    cmd = ctx.launch(op.tool(ctx, out, fsync), rss_dir)
+    set_cache(op.tool_inputs(ctx), ctx.args.cache)
+    if ctx.args.prefault:
+        prefault(prefault_bytes(ctx, op))
+    dt, summary, rss = run_tool(cmd, rss_dir, op.name, ctx.args.ranks)
     ctx.outputs[op.name] = out
     if out.exists():
         fsync_tree(out)   # untimed: --no-fsync leaves dirty pages behind
