@@ -48,7 +48,8 @@ class RoutePlan:
 
     @property
     def bytes_read(self) -> int:
-        """Bytes this rank reads from its sources (local copies plus what it sends)."""
+        """Bytes this rank reads from its sources (local copies plus what it sends);
+        load reads only the local part and forwards the rest from memory."""
         return (sum(r.nbytes for r in self.local)
                 + sum(r.nbytes for rs in self.sends.values() for r in rs))
 
