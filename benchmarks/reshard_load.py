@@ -660,11 +660,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.only = a.only or ["reshard", "load"]
     if a.reps < 0 or a.ranks < 1 or a.scale < 1 or (a.reps == 0 and not a.check):
         p.error("--reps, --ranks, --scale must be positive (--reps 0 only with --check)")
-    if a.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            p.error("--plot needs matplotlib: pip install -e '.[bench]'")
+    run.check_plot_option(p, a.plot)
     return a
 
 

@@ -547,12 +547,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reps < 1 or args.ranks < 1 or any(s < 1 for s in args.scale):
         p.error("--reps, --ranks and --scale must be positive")
-    if args.plot:
+    check_plot_option(p, args.plot)
+    return args
+
+
+def check_plot_option(p: argparse.ArgumentParser, plot: str | None) -> None:
+    """--plot needs matplotlib: say so before minutes of setup, not after."""
+    if plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             p.error("--plot needs matplotlib: pip install -e '.[bench]'")
-    return args
 
 
 def main(argv=None) -> int:
