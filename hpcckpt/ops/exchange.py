@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import xxhash
 
 from ..comm.exchange import exchange_streams
 from ..comm.wrapper import Comm, as_comm
@@ -180,6 +181,33 @@ class BoxAssembler:
         if left:  # pragma: no cover - a planning bug, never silently a hole in a file
             name, box = left[0]
             raise FormatError(f"tensor {name!r} {box}: not every byte arrived")
+
+
+class InOrderHashes:
+    """xxh3-64 of destination boxes whose bytes are written front to back."""
+
+    def __init__(self):
+        self.hashers: dict = {}
+        self.done: dict = {}       # key -> bytes hashed so far, or -1 once out of order
+
+    def update(self, key, offset: int, data: np.ndarray) -> None:
+        if self.done.get(key, 0) != offset:
+            self.spoil(key)
+            return
+        self.hashers.setdefault(key, xxhash.xxh3_64()).update(memoryview(data))
+        self.done[key] = offset + len(data)
+
+    def spoil(self, key) -> None:
+        self.done[key] = -1
+        self.hashers.pop(key, None)
+
+    def digest(self, key, nbytes: int) -> str | None:
+        """The checksum if exactly ``nbytes`` were hashed in order (empty boxes too)."""
+        if nbytes == 0:
+            return checksum_of(b"")
+        if self.done.get(key) != nbytes:
+            return None
+        return "xxh3_64:" + self.hashers[key].hexdigest()
 
 
 class _Stream:
@@ -492,10 +520,19 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
         # little left to do (as in write_files)
         writeback = start_writeback if options.fsync else (lambda fd, offset, n: None)
 
+        # checksums taken in passing when a box's bytes are written in order (a whole
+        # assembled box, or one route covering the box); the rest are read back later
+        hashing = InOrderHashes()
+
         def write(route: Route, sub: Box, data: np.ndarray, base: int) -> None:
             sr = strided_runs(sub, sub, route.dst_box, route.tensor.itemsize)
             lo, hi = sr.dst_span()
-            for fd, path, begin in targets[(route.tensor.name, route.dst_box)]:
+            key = (route.tensor.name, route.dst_box)
+            if route.region == route.dst_box:
+                hashing.update(key, lo, data[base:base + sr.nbytes])
+            else:
+                hashing.spoil(key)
+            for fd, path, begin in targets[key]:
                 write_runs_to_file(fd, path, begin, sr, data, base)
                 writeback(fd, begin + lo, hi - lo)
 
@@ -506,6 +543,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                      arr, 0, replica)
 
         def write_box(key: tuple[str, Box], arr: np.ndarray) -> None:
+            hashing.update(key, 0, arr)
             for fd, path, begin in targets[key]:
                 pwrite_all(fd, memoryview(arr), begin, path)
                 writeback(fd, begin, len(arr))
@@ -524,8 +562,9 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                 if options.fsync:
                     os.fsync(fds[i])
                 for ei, e in enumerate(f.entries):
-                    sums[(i, ei)] = (_hash_entry(os.path.join(my_out, partial_name(f.path)), e,
-                                                 options.buffer_size) if e.nbytes else checksum_of(b""))
+                    sums[(i, ei)] = (hashing.digest((e.name, e.box), e.nbytes)
+                                     or _hash_entry(os.path.join(my_out, partial_name(f.path)), e,
+                                                    options.buffer_size))
         all_sums: dict = {}
         for s in comm.allgather(sums):
             all_sums.update(s)
