@@ -36,7 +36,7 @@ from ..storage.manifest import MANIFEST
 from ..layout.yaml_io import write_strategy_yaml
 from .common import build_manifest, check_tensors_match
 from .filecopy import (DEFAULT_BUFFER, CopyOptions, _create, _hash_entry, checksum_of,
-                       remove_files)
+                       prepare_output_dir, remove_files, rename_partials)
 from .result import OpResult
 
 #: send + receive buffers per rank per round: with the copy buffer and the reader's
@@ -492,12 +492,11 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                    "bytes_written": sum(f.data_bytes for _, f in my_files),
                    "plan_seconds": round(time.perf_counter() - t0, 3)}
         per_rank = comm.allgather(summary)
-        return OpResult("reshard", out, strategy.world_size,
-                        sum(r["bytes_written"] for r in per_rank),
-                        sum(r["bytes_read"] for r in per_rank), time.perf_counter() - t0,
-                        comm.size, tuple(per_rank), dry_run=True,
-                        extra={"transport": "node-local", "simulated": simulated})
-    _prepare_node_local_out(comm, my_out, my_in, per_rank_out, options.overwrite)
+        return OpResult.from_rows("reshard", out, strategy.world_size, per_rank,
+                                  time.perf_counter() - t0, comm.size, dry_run=True,
+                                  extra={"transport": "node-local", "simulated": simulated})
+    prepare_output_dir(comm, my_out, options.overwrite, (MANIFEST,), inputs=(my_in,),
+                       mine=per_rank_out or comm.rank == 0)
     created: list[str] = []
     reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
     fds: dict[int, int] = {}
@@ -569,9 +568,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
         for s in comm.allgather(sums):
             all_sums.update(s)
         with comm.step("rename"):
-            for path in created:
-                os.replace(path, path[: -len(".partial")])
-            created.clear()
+            rename_partials(created, options.fsync)
         with comm.step("commit"):
             if per_rank_out or comm.rank == 0:
                 for r in range(strategy.world_size):
@@ -591,11 +588,11 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                                "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
                                "bytes_written": sum(f.data_bytes for _, f in my_files)})
     seconds = comm.allreduce_max(time.perf_counter() - t0)
-    return OpResult("reshard", out, len(files), sum(r["bytes_written"] for r in per_rank),
-                    sum(r["bytes_read"] for r in per_rank), seconds, comm.size, tuple(per_rank),
-                    extra={"transport": "node-local", "dedup": dedup,
-                           "bytes_sent": sum(r["bytes_sent"] for r in per_rank),
-                           "rounds": st.rounds, "strategy_world_size": strategy.world_size})
+    return OpResult.from_rows("reshard", out, len(files), per_rank, seconds, comm.size,
+                              extra={"transport": "node-local", "dedup": dedup,
+                                     "bytes_sent": sum(r["bytes_sent"] for r in per_rank),
+                                     "rounds": st.rounds,
+                                     "strategy_world_size": strategy.world_size})
 
 
 def plan_node_local(source: SourceIndex, strategy: Strategy, rank: int, size: int,
@@ -635,20 +632,3 @@ def _stored_in(inp, dirs: list[int]) -> list[tuple[str, Box]]:
     return [(name, c.box) for name in inp.source.tensors for c in inp.source.chunks(name)
             if here.intersection(c.rank_dirs())]
 
-
-def _prepare_node_local_out(comm: Comm, my_out: str, my_in: str, per_rank_out: bool,
-                            overwrite: bool) -> None:
-    with comm.step("prepare output"):
-        if per_rank_out or comm.rank == 0:
-            from .filecopy import check_not_input
-            check_not_input(my_out, (my_in,))
-            p = Path(my_out)
-            if p.exists() and any(p.iterdir()):
-                if not overwrite:
-                    raise UsageError(f"{my_out}: output directory is not empty "
-                                     "(pass --overwrite to replace it)")
-                import shutil
-                (p / MANIFEST).unlink(missing_ok=True)
-                shutil.rmtree(p)
-            p.mkdir(parents=True, exist_ok=True)
-    comm.barrier()

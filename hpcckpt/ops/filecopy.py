@@ -55,12 +55,15 @@ def checksum_of(data) -> str:
 
 
 def prepare_output_dir(comm: Comm, out: str, overwrite: bool, markers: tuple[str, ...],
-                       inputs: tuple[str, ...] = ()) -> None:
-    """Rank 0 checks/creates OUT. An existing non-empty OUT needs ``overwrite``; its commit
-    markers are removed first so it never looks complete while being rewritten. OUT may
-    not be, contain or lie inside an input (``--overwrite`` would delete the input)."""
+                       inputs: tuple[str, ...] = (), mine: bool | None = None) -> None:
+    """Rank 0 (or every rank with ``mine``, for per-node outputs) checks/creates OUT.
+    An existing non-empty OUT needs ``overwrite``; its commit markers are removed first
+    so it never looks complete while being rewritten. OUT may not be, contain or lie
+    inside an input (``--overwrite`` would delete the input)."""
+    if mine is None:
+        mine = comm.rank == 0
     with comm.step("prepare output"):
-        if comm.rank == 0:
+        if mine:
             p = Path(out)
             check_not_input(out, inputs)
             if p.exists() and not p.is_dir():
@@ -101,9 +104,8 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
     if opts.dry_run:
         per_rank = comm.allgather({"rank": comm.rank, "bytes_read": written,
                                    "bytes_written": written})
-        return OpResult(op, out, len(files), sum(r["bytes_written"] for r in per_rank),
-                        sum(r["bytes_read"] for r in per_rank), time.perf_counter() - t0,
-                        comm.size, tuple(per_rank), dry_run=True)
+        return OpResult.from_rows(op, out, len(files), per_rank, time.perf_counter() - t0,
+                                  comm.size, dry_run=True)
     created: list[str] = []
     reader = ChunkReader(source_root, scratch_bytes=opts.buffer_size)
     handles: dict[int, int] = {}
@@ -153,13 +155,7 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
         for name in (("commit", "rename") if marker_first else ("rename", "commit")):
             with comm.step(name):
                 if name == "rename":
-                    dirs = dict.fromkeys(os.path.dirname(p) for p in created)
-                    for path in created:
-                        os.replace(path, path[: -len(".partial")])
-                    created.clear()
-                    if opts.fsync:   # the renames themselves survive a crash
-                        for d in dirs:
-                            fsync_dir(d or ".")
+                    rename_partials(created, opts.fsync)
                 elif comm.rank == 0:
                     allsums = {}
                     for sums, _ in gathered:
@@ -175,8 +171,19 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
     per_rank = comm.allgather({"rank": comm.rank, "bytes_read": reader.bytes_read,
                                "bytes_written": written})
     seconds = comm.allreduce_max(time.perf_counter() - t0)
-    return OpResult(op, out, len(files), sum(r["bytes_written"] for r in per_rank),
-                    sum(r["bytes_read"] for r in per_rank), seconds, comm.size, tuple(per_rank))
+    return OpResult.from_rows(op, out, len(files), per_rank, seconds, comm.size)
+
+
+def rename_partials(created: list[str], fsync: bool) -> None:
+    """Give this rank's ``*.partial`` files their final names (emptying ``created``, so a
+    later failure removes nothing); with ``fsync`` the renames themselves survive a crash."""
+    dirs = dict.fromkeys(os.path.dirname(p) for p in created)
+    for path in created:
+        os.replace(path, path[: -len(".partial")])
+    created.clear()
+    if fsync:
+        for d in dirs:
+            fsync_dir(d or ".")
 
 
 def remove_files(paths: list[str]) -> None:

@@ -32,10 +32,10 @@ def load_job(path: str, strategy: Strategy, comm: Comm, *, against: str | None =
                                   sends_read_disk=False),
                    "plan_seconds": round(time.perf_counter() - t0, 3)}
         per_rank = comm.allgather(row)
-        return OpResult("load", path, len(inp.files), 0, sum(r["bytes_read"] for r in per_rank),
-                        time.perf_counter() - t0, comm.size, tuple(per_rank), dry_run=True,
-                        extra={"unique_bytes": strategy.unique_bytes,
-                               "simulated": getattr(comm, "simulated", False)})
+        return OpResult.from_rows("load", path, len(inp.files), per_rank,
+                                  time.perf_counter() - t0, comm.size, dry_run=True,
+                                  extra={"unique_bytes": strategy.unique_bytes,
+                                         "simulated": getattr(comm, "simulated", False)})
     stats: dict = {}
     arrays = load(path, strategy, comm, budget=budget, max_message=max_message,
                   buffer_size=buffer_size, stats=stats, src_strategy=src_strategy)
@@ -49,5 +49,5 @@ def load_job(path: str, strategy: Strategy, comm: Comm, *, against: str | None =
                      bytes_compared=comm.allreduce_sum(compared))
     held = comm.allgather(sum(a.nbytes for a in arrays.values()))  # in rank order
     per_rank = [{**r, "bytes_held": h} for r, h in zip(stats["per_rank"], held)]
-    return OpResult("load", path, stats["files"], 0, sum(r["bytes_read"] for r in per_rank),
-                    seconds, comm.size, tuple(per_rank), extra=extra)
+    return OpResult.from_rows("load", path, stats["files"], per_rank, seconds, comm.size,
+                              extra=extra)

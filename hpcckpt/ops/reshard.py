@@ -62,6 +62,5 @@ def _simulated_plan(source: SourceIndex, mine: OutputFile, out: str, strategy: S
     seconds = time.perf_counter() - t0
     row = {"rank": comm.rank, "bytes_read": mine.data_bytes, "bytes_written": mine.data_bytes,
            "source_files": len(files), "plan_seconds": round(seconds, 3)}
-    return OpResult("reshard", out, strategy.world_size, mine.data_bytes, mine.data_bytes,
-                    seconds, comm.size, (row,), dry_run=True,
-                    extra={"transport": "shared-fs", "simulated": True})
+    return OpResult.from_rows("reshard", out, strategy.world_size, (row,), seconds, comm.size,
+                              dry_run=True, extra={"transport": "shared-fs", "simulated": True})

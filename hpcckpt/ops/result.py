@@ -17,6 +17,16 @@ class OpResult:
     dry_run: bool = False
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_rows(cls, op: str, output: str, files: int, per_rank, seconds: float,
+                  world_size: int, dry_run: bool = False, extra: dict | None = None
+                  ) -> "OpResult":
+        """Totals summed from every rank's counters (``bytes_written`` may be absent)."""
+        rows = tuple(per_rank)
+        return cls(op, output, files, sum(r.get("bytes_written", 0) for r in rows),
+                   sum(r["bytes_read"] for r in rows), seconds, world_size, rows, dry_run,
+                   extra or {})
+
     @property
     def gbps(self) -> float:
         moved = max(self.bytes_written, self.bytes_read)
