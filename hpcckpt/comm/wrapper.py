@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from typing import Any, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import HpcckptError, RankFailure
+
+if TYPE_CHECKING:   # numpy is imported by the buffer collectives only (see hpcckpt.dtypes)
+    import numpy as np
 
 
 class Comm:
@@ -52,6 +53,7 @@ class Comm:
         """``send`` has shape (size, k); row j goes to rank j. Returns rows from each rank."""
         if self.mpi is None:
             return send.copy()
+        import numpy as np
         recv = np.empty_like(send)
         self.mpi.Alltoall(send, recv)
         return recv
@@ -63,6 +65,7 @@ class Comm:
             n = int(sendcounts[0])
             recvbuf[:n] = sendbuf[:n]
             return
+        import numpy as np
         from mpi4py import MPI
         sdis = np.concatenate(([0], np.cumsum(sendcounts)[:-1])).astype(np.int64)
         rdis = np.concatenate(([0], np.cumsum(recvcounts)[:-1])).astype(np.int64)

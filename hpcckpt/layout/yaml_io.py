@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..dtypes import NUMPY_DTYPES
+from ..dtypes import DTYPES
 from ..errors import StrategyError
 from .box import Box
 from .strategy import PP_AXIS, Mesh, Strategy, TensorSpec
@@ -63,9 +63,9 @@ def _tensor(name: str, e: object, mesh: Mesh, where: str) -> TensorSpec:
     if any(s < 0 for s in shape):
         raise StrategyError(f"{at}: negative size in shape {shape}")
     dtype = e.get("dtype")
-    if dtype not in NUMPY_DTYPES:
+    if dtype not in DTYPES:
         raise StrategyError(f"{at}: unknown dtype {dtype!r} "
-                            f"(known: {' '.join(NUMPY_DTYPES)})")
+                            f"(known: {' '.join(DTYPES)})")
     stage = e.get("stage")
     if stage is not None:
         if PP_AXIS not in mesh.sizes:

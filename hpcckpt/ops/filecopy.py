@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import xxhash
 
 from ..comm.wrapper import Comm
@@ -117,8 +116,7 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
                     created.append(_create(os.path.join(out, f.path), f, opts.fsync))
         with comm.step("copy"):
             progress = Progress(written, f"{op} (rank 0)", comm.rank == 0 and opts.progress)
-            buf = np.empty(min(opts.buffer_size, max((p.nbytes for p in mine), default=0)) or 1,
-                           np.uint8)
+            buf = bytearray(min(opts.buffer_size, max((p.nbytes for p in mine), default=0)) or 1)
             hashers: dict[tuple[int, int], object] = {}
             for p in mine:
                 f = files[p.file]
@@ -233,7 +231,7 @@ def _fsync(fd: int, path: str) -> None:
 
 
 def _copy_piece(reader: ChunkReader, source: SourceIndex, f: OutputFile, p: WritePiece, fd: int,
-                path: str, buf: np.ndarray, hasher, progress: "Progress",
+                path: str, buf: bytearray, hasher, progress: "Progress",
                 writeback: bool = False) -> None:
     """Fill piece ``p`` tile by tile (a tile: contiguous in the output, at most the
     buffer); ``writeback`` starts writing each tile to disk as soon as it is written."""
@@ -285,7 +283,7 @@ def _split_entries_owned(pieces: list[list[WritePiece]], rank: int) -> list[tupl
 
 def _hash_entry(path: str, e, buffer_size: int) -> str:
     h = xxhash.xxh3_64()
-    buf = np.empty(min(buffer_size, e.nbytes) or 1, np.uint8)
+    buf = bytearray(min(buffer_size, e.nbytes) or 1)
     fd = os.open(path, os.O_RDONLY)
     try:
         pos = e.begin

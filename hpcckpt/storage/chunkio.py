@@ -2,15 +2,16 @@
 
 Dumb on purpose: given ``StridedRuns`` from the planner, copy exactly those bytes. Reads
 of many small runs become reads of their span (in slabs of a few MiB) plus a numpy
-strided copy; writes of many small runs into a file go through a short-lived memory map
-of the span, so nothing larger than the span window is ever resident.
+strided copy; writes of many small runs into a file are merged into their span in
+windows (read, scatter, write), so nothing larger than a window is ever resident.
+
+Buffers are anything writable with the buffer protocol (``bytearray``, numpy arrays).
+numpy is imported only for strided copies: a split or merge whose runs are contiguous
+never loads it (see hpcckpt.dtypes for why start-up matters).
 """
 from __future__ import annotations
 
 import os
-
-import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from ..errors import FormatError
 from ..layout.box import Box
@@ -23,20 +24,23 @@ SMALL_RUN = 256 << 10       #: with sparse spans, runs this long are read one by
 SCRATCH_CAP = 4 << 20       #: span read at once for smaller runs (stays in the CPU cache)
 
 
-def strided_view(buf: np.ndarray, base: int, length: int, counts, strides) -> np.ndarray:
-    """A (counts..., length) uint8 view of ``buf`` starting at ``base``."""
-    return as_strided(buf[base:], shape=(*counts, length), strides=(*strides, 1), writeable=True)
+def strided_view(buf, base: int, length: int, counts, strides):
+    """A (counts..., length) uint8 numpy view of ``buf`` starting at ``base``."""
+    import numpy as np
+    from numpy.lib.stride_tricks import as_strided
+    arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
+    return as_strided(arr[base:], shape=(*counts, length), strides=(*strides, 1), writeable=True)
 
 
-def copy_runs(sr: StridedRuns, src: np.ndarray, src_base: int, dst: np.ndarray, dst_base: int) -> None:
-    """Copy ``sr`` between two uint8 buffers (offsets in ``sr`` are relative to the bases)."""
+def copy_runs(sr: StridedRuns, src, src_base: int, dst, dst_base: int) -> None:
+    """Copy ``sr`` between two byte buffers (offsets in ``sr`` are relative to the bases)."""
     if sr.length == 0:
         return
     lo, hi = sr.src_span()
     dlo, dhi = sr.dst_span()
     assert src_base + hi <= len(src) and dst_base + dhi <= len(dst), (sr, len(src), len(dst))
     if not sr.counts:
-        dst[dst_base + dlo:dst_base + dhi] = src[src_base + lo:src_base + hi]
+        memoryview(dst)[dst_base + dlo:dst_base + dhi] = memoryview(src)[src_base + lo:src_base + hi]
         return
     d = strided_view(dst, dst_base + sr.dst_start, sr.length, sr.counts, sr.dst_strides)
     s = strided_view(src, src_base + sr.src_start, sr.length, sr.counts, sr.src_strides)
@@ -79,14 +83,14 @@ class ChunkReader:
         self.handles = FileHandles()
         self.headers: dict[str, SafetensorsHeader] = {}
         self.scratch_bytes = max(1 << 16, min(scratch_bytes, SCRATCH_CAP))
-        self._scratch: np.ndarray | None = None
+        self._scratch: bytearray | None = None
         self.bytes_read = 0
         self._begins: dict[tuple[str, str], int] = {}
 
     @property
-    def scratch(self) -> np.ndarray:
+    def scratch(self) -> bytearray:
         if self._scratch is None:
-            self._scratch = np.empty(self.scratch_bytes, np.uint8)
+            self._scratch = bytearray(self.scratch_bytes)
         return self._scratch
 
     def path(self, rel: str) -> str:
@@ -114,7 +118,7 @@ class ChunkReader:
         path = self.path(rel)
         return self.handles.get(path), path, begin
 
-    def read(self, chunk: SourceChunk, t: TensorInfo, sr: StridedRuns, out: np.ndarray,
+    def read(self, chunk: SourceChunk, t: TensorInfo, sr: StridedRuns, out,
              out_base: int = 0, replica: int = 0) -> None:
         """Copy ``sr`` (source offsets relative to the tensor's stored data) into ``out``."""
         if sr.length == 0:
@@ -147,7 +151,7 @@ class ChunkReader:
         self.handles.close()
 
 
-def write_runs_to_file(fd: int, path: str, begin: int, sr: StridedRuns, src: np.ndarray,
+def write_runs_to_file(fd: int, path: str, begin: int, sr: StridedRuns, src,
                        src_base: int = 0, max_window: int = 8 << 20) -> None:
     """Scatter ``sr`` from memory into a file (destination offsets relative to ``begin``).
 
@@ -171,7 +175,7 @@ def write_runs_to_file(fd: int, path: str, begin: int, sr: StridedRuns, src: np.
         return
     flipped = StridedRuns(sr.dst_start, sr.src_start, sr.length, sr.counts,
                           sr.dst_strides, sr.src_strides)
-    window = np.empty(min(max_window, flipped.src_span()[1] - flipped.src_span()[0]), np.uint8)
+    window = bytearray(min(max_window, flipped.src_span()[1] - flipped.src_span()[0]))
     for part in slabs(flipped, len(window)):
         lo, hi = part.src_span()  # destination span (flipped)
         span = memoryview(window)[:hi - lo]

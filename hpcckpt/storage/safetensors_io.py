@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..dtypes import NUMPY_DTYPES, itemsize
+from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -94,7 +94,7 @@ def parse_header(path: str, raw: bytes, file_size: int) -> SafetensorsHeader:
         if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= set(t):
             raise FormatError(f"{at}: entry needs dtype, shape and data_offsets")
         dtype, shape, offs = t["dtype"], t["shape"], t["data_offsets"]
-        if dtype not in NUMPY_DTYPES:
+        if dtype not in DTYPES:
             raise FormatError(f"{at}: unknown dtype {dtype!r}")
         if (not isinstance(shape, list)
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):

@@ -278,6 +278,29 @@ def test_split_merge_n8_summary_once(data, tmp_path):
             assert_bytes_equal(f.get_tensor(n), FULL[n], n)
 
 
+# Every rank reports at exit whether numpy was imported.
+_REPORT_NUMPY = ("import atexit, os, sys\n"
+                 "atexit.register(lambda: os.write(1, f'@@numpy {\"numpy\" in sys.modules}\\n'"
+                 ".encode()))\n")
+
+
+def test_contiguous_copies_never_import_numpy(data, tmp_path):
+    """Start-up is part of every job's time (0.13 s per rank for numpy + ml_dtypes):
+    split and merge of contiguous runs move bytes without it; a strided copy loads it."""
+    dist, out = tmp_path / "dist", tmp_path / "out"
+    for args in (["split", data["trio_model"], dist, "--strategy", data["trio_yaml"]],
+                 ["merge", dist, out]):
+        p, codes, _ = run_ranks(args + ["--no-fsync"], 2, prelude=_REPORT_NUMPY)
+        assert codes == {0: 0, 1: 0}, p.stderr
+        assert re.findall(r"@@numpy (\w+)", p.stdout) == ["False", "False"], p.stdout
+    for n in TRIO:
+        assert_bytes_equal(read_tensor(out / "model.safetensors", n), TRIO[n], n)
+    # the control: DOWN is stored by column blocks, so merging it needs a strided copy
+    p, codes, _ = run_ranks(["merge", data["dist8"], tmp_path / "out8", "--no-fsync"], 1,
+                            prelude=_REPORT_NUMPY)
+    assert codes == {0: 0} and re.findall(r"@@numpy (\w+)", p.stdout) == ["True"], p.stdout
+
+
 def test_json_summary_rank0_only(data, tmp_path):
     dist = tmp_path / "dist"
     p = ok(cli(["split", data["model"], dist, "--strategy", data["s3"], "--json"], n=3))
