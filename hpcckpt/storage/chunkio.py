@@ -17,11 +17,18 @@ from ..errors import FormatError
 from ..layout.box import Box
 from ..planning.runs import StridedRuns
 from ..planning.sources import SourceChunk, TensorInfo
-from .safetensors_io import FileHandles, SafetensorsHeader, pread_into, pwrite_all, read_header
+from .safetensors_io import (FileHandles, SafetensorsHeader, pread_into, preadv_into, pwrite_all,
+                             read_header)
 
 WRITE_RUN = 1 << 10         #: runs this long are written one pwrite each
 SMALL_RUN = 256 << 10       #: with sparse spans, runs this long are read one by one
 SCRATCH_CAP = 4 << 20       #: span read at once for smaller runs (stays in the CPU cache)
+#: runs this long, when they fill at least half their source span, are scattered into
+#: place by ``preadv`` (gaps land in a junk buffer). From page cache on a 2-core VM:
+#: preadv 3.9 / 6.6 GiB/s vs span read + numpy copy 5.3 / 6.2 GiB/s at 2 / 8 KiB runs.
+#: It saves the second copy and keeps numpy out of a merge of column-split tensors.
+SCATTER_RUN = 4 << 10
+JUNK_CAP = 1 << 20          #: a wider gap ends one preadv and starts the next
 
 
 def strided_view(buf, base: int, length: int, counts, strides):
@@ -72,7 +79,9 @@ class ChunkReader:
     """Reads stored chunks from files under ``root``; validates each header entry once.
 
     A region stored contiguously is read straight into the caller's buffer, and so is
-    each run of at least ``SMALL_RUN`` bytes. Smaller runs are read with their span, in
+    each run of at least ``SMALL_RUN`` bytes; runs of at least ``SCATTER_RUN`` that are
+    dense in their span are scattered into it by one ``preadv``. Smaller runs are read
+    with their span, in
     slabs of at most ``SCRATCH_CAP`` bytes, into a scratch buffer (allocated on first
     use) and gathered by a numpy strided copy: a few MiB that stay in the CPU cache,
     whatever ``scratch_bytes`` asks for above that.
@@ -84,6 +93,7 @@ class ChunkReader:
         self.headers: dict[str, SafetensorsHeader] = {}
         self.scratch_bytes = max(1 << 16, min(scratch_bytes, SCRATCH_CAP))
         self._scratch: bytearray | None = None
+        self._junk_buf: memoryview | None = None
         self.bytes_read = 0
         self._begins: dict[tuple[str, str], int] = {}
 
@@ -135,6 +145,9 @@ class ChunkReader:
                 dlo = out_base + run.dst_offset
                 pread_into(fd, memoryview(out)[dlo:dlo + run.length], begin + run.src_offset, path)
             return
+        if sr.length >= SCATTER_RUN and hi - lo <= 2 * sr.nbytes:
+            self._scatter(fd, path, begin, sr, memoryview(out), out_base)
+            return
         scratch = self.scratch
         for part in slabs(sr, len(scratch)):
             lo, hi = part.src_span()
@@ -146,6 +159,31 @@ class ChunkReader:
             copy_runs(StridedRuns(part.src_start - lo, part.dst_start, part.length,
                                   part.counts, part.src_strides, part.dst_strides),
                       scratch, 0, out, out_base)
+
+    def _scatter(self, fd: int, path: str, begin: int, sr: StridedRuns, out: memoryview,
+                 out_base: int) -> None:
+        """Read ``sr`` in source order with ``preadv``: each run into its place in
+        ``out``, each gap between runs into a junk buffer."""
+        views: list[memoryview] = []
+        start = expect = 0
+        for run in sr.runs():
+            src = begin + run.src_offset
+            if views and not 0 <= src - expect <= JUNK_CAP:   # a wide gap, or back
+                preadv_into(fd, views, start, path)
+                views = []
+            if not views:
+                start = src
+            elif src > expect:
+                views.append(self._junk(src - expect))
+            d = out_base + run.dst_offset
+            views.append(out[d:d + run.length])
+            expect = src + run.length
+        preadv_into(fd, views, start, path)
+
+    def _junk(self, n: int) -> memoryview:
+        if self._junk_buf is None or len(self._junk_buf) < n:
+            self._junk_buf = memoryview(bytearray(max(n, 64 << 10)))
+        return self._junk_buf[:n]
 
     def close(self) -> None:
         self.handles.close()

@@ -144,19 +144,36 @@ def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]],
 
 
 # ---- positioned I/O --------------------------------------------------------------
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
 def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
     """Fill ``buf`` from ``offset``; a short read is an error naming the byte range."""
-    done, want = 0, len(buf)
-    while done < want:
+    preadv_into(fd, [buf], offset, path)
+
+
+def preadv_into(fd: int, views: list[memoryview], offset: int, path: str) -> None:
+    """Fill ``views`` in order from the consecutive file bytes at ``offset`` (a scatter
+    read: one ``preadv`` per ``IOV_MAX`` views); a short read names the byte range."""
+    views = [v for v in views if len(v)]
+    end = offset + sum(len(v) for v in views)
+    i, pos = 0, offset
+    while i < len(views):
         try:
-            n = os.preadv(fd, [buf[done:]], offset + done)
+            n = os.preadv(fd, views[i:i + IOV_MAX], pos)
         except OSError as e:
-            raise CheckpointIOError(f"{path}: read of bytes {offset}-{offset + want} failed: "
+            raise CheckpointIOError(f"{path}: read of bytes {offset}-{end} failed: "
                                     f"{e.strerror or e}") from None
         if n == 0:
-            raise CheckpointIOError(f"{path}: file ends before byte {offset + want} "
-                                    f"(read bytes {offset}-{offset + want})")
-        done += n
+            raise CheckpointIOError(f"{path}: file ends before byte {end} "
+                                    f"(read bytes {offset}-{end})")
+        pos += n
+        while n:   # drop the views filled, trim a partly filled one
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i], n = views[i][n:], 0
 
 
 def pwrite_all(fd: int, buf: memoryview, offset: int, path: str) -> None:

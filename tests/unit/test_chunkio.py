@@ -4,6 +4,7 @@ slicing on every read path: one run, one read per long run, runs gathered throug
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -75,3 +76,99 @@ def test_start_writeback(tmp_path, monkeypatch):
         os.close(r)
         os.close(w)
     assert p.read_bytes() == b"x" * 100_000
+
+
+def _read_into_wider(tmp_path, chunk_shape, col0, total_cols, rows=slice(None)):
+    """Chunk ``chunk_shape`` (2-D, U8) stored alone, read into columns [col0, col0 + c) of
+    a row-major destination ``total_cols`` wide, as merge does with column blocks."""
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 256, chunk_shape, dtype=np.uint8)
+    _write(tmp_path / "c.safetensors", "t", data)
+    r, c = chunk_shape
+    chunk_box = Box((0, col0), (r, c))
+    r0, r1, _ = rows.indices(r)
+    region = Box((r0, col0), (r1 - r0, c))
+    dst_box = Box((r0, 0), (r1 - r0, total_cols))
+    chunk = SourceChunk(chunk_box, ("c.safetensors",))
+    reader = ChunkReader(str(tmp_path), scratch_bytes=1 << 16)
+    out = bytearray(b"\xab" * (dst_box.volume + 8))
+    try:
+        reader.read(chunk, TensorInfo("t", (r, total_cols), "U8"),
+                    strided_runs(region, chunk_box, dst_box, 1), out, 8)
+    finally:
+        reader.close()
+    got = np.frombuffer(out, np.uint8)
+    assert (got[:8] == 0xAB).all()
+    got = got[8:].reshape(r1 - r0, total_cols)
+    assert np.array_equal(got[:, col0:col0 + c], data[r0:r1]), (chunk_shape, col0, rows)
+    others = np.delete(got, np.s_[col0:col0 + c], axis=1)
+    assert (others == 0xAB).all()   # nothing written outside the runs
+    return reader
+
+
+@pytest.mark.parametrize("chunk_shape,col0,total", [
+    ((64, 100), 50, 300),       # short runs: span read + numpy copy
+    ((64, 8192), 8192, 16384),  # scatter, dense source (merge of a column block)
+    ((3, 4096), 0, 4096 * 3),   # scatter, exactly SCATTER_RUN
+])
+def test_read_into_strided_destination(tmp_path, chunk_shape, col0, total):
+    reader = _read_into_wider(tmp_path, chunk_shape, col0, total)
+    scattered = chunk_shape[1] >= chunkio.SCATTER_RUN
+    assert (reader._scratch is None) == scattered
+
+
+def test_scatter_with_gaps_and_batches(tmp_path, monkeypatch):
+    """Source runs with gaps (a column block of a wider stored chunk), batches cut by
+    IOV_MAX, gaps wider than the junk cap, and short preadv returns: same bytes."""
+    from hpcckpt.storage import safetensors_io as sio
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, (40, 3 * 4096), dtype=np.uint8)
+    _write(tmp_path / "g.safetensors", "t", data)
+    full = Box((0, 0), data.shape)
+    region = Box((2, 4096), (37, 2 * 4096))   # span / bytes = 1.49: scattered, with gaps
+    chunk = SourceChunk(full, ("g.safetensors",))
+    info = TensorInfo("t", data.shape, "U8")
+    want = data[2:39, 4096:3 * 4096].reshape(-1)
+    real_preadv = sio.os.preadv
+    calls = []
+
+    def short_preadv(fd, views, offset):   # at most 5000 bytes per call
+        calls.append(len(views))
+        budget, take = 5000, []
+        for v in views:
+            take.append(v[:budget])
+            budget -= len(take[-1])
+            if not budget:
+                break
+        return real_preadv(fd, take, offset)
+
+    for iov_max, junk_cap, preadv in [(1024, 1 << 20, real_preadv), (3, 1 << 20, real_preadv),
+                                      (1024, 1, real_preadv), (4, 1 << 20, short_preadv)]:
+        monkeypatch.setattr(sio, "IOV_MAX", iov_max)
+        monkeypatch.setattr(chunkio, "JUNK_CAP", junk_cap)
+        monkeypatch.setattr(sio.os, "preadv", preadv)
+        reader = ChunkReader(str(tmp_path))
+        out = bytearray(region.volume)
+        try:
+            reader.read(chunk, info, strided_runs(region, full, region, 1), out)
+        finally:
+            reader.close()
+        assert reader._scratch is None
+        assert np.array_equal(np.frombuffer(out, np.uint8), want), (iov_max, junk_cap)
+    assert calls and max(calls) <= 4
+
+
+def test_preadv_into_short_file(tmp_path):
+    from hpcckpt.errors import CheckpointIOError
+    from hpcckpt.storage.safetensors_io import preadv_into
+    p = tmp_path / "short"
+    p.write_bytes(b"x" * 100)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        a, b = bytearray(60), bytearray(60)
+        with pytest.raises(CheckpointIOError) as e:
+            preadv_into(fd, [memoryview(a), memoryview(b)], 10, str(p))
+        assert str(e.value) == f"{p}: file ends before byte 130 (read bytes 10-130)"
+        assert a == b"x" * 60 and b[:30] == b"x" * 30
+    finally:
+        os.close(fd)
