@@ -17,9 +17,7 @@ everywhere with the same RankFailure.
 """
 from __future__ import annotations
 
-from typing import Callable
-
-import numpy as np
+from typing import Callable, Sequence
 
 from ..errors import RankFailure
 from .wrapper import Comm, describe
@@ -34,85 +32,88 @@ Drain = Callable[[int, int, memoryview], None]
 Align = Callable[[int, int, int], int]
 
 
-def exchange_streams(comm: Comm, send_totals: np.ndarray, recv_totals: np.ndarray,
+def exchange_streams(comm: Comm, send_totals: Sequence[int], recv_totals: Sequence[int],
                      fill: Fill, drain: Drain, align: Align, budget: int,
                      max_message: int = 1 << 30, step: str = "exchange") -> dict:
-    """Move every stream to completion. Returns counters: rounds, bytes_sent, bytes_received."""
+    """Move every stream to completion. Returns counters: rounds, bytes_sent, bytes_received.
+
+    Plain Python integers and bytearrays: the bookkeeping is O(size) per round, and the
+    bytes move through the buffers without numpy (see hpcckpt.dtypes)."""
     size = comm.size
     budget = max(64, min(int(budget) // 2, MAX_MPI_MESSAGE))  # per direction
     max_message = max(16, min(int(max_message), MAX_MPI_MESSAGE))
-    sent = np.zeros(size, np.int64)
-    recvd = np.zeros(size, np.int64)
-    send_totals = np.asarray(send_totals, np.int64)
-    recv_totals = np.asarray(recv_totals, np.int64)
-    sendbuf = np.empty(0, np.uint8)
-    recvbuf = np.empty(0, np.uint8)
+    sent = [0] * size
+    recvd = [0] * size
+    send_totals = [int(n) for n in send_totals]
+    recv_totals = [int(n) for n in recv_totals]
+    sendbuf = bytearray()
+    recvbuf = bytearray()
     error: str | None = None
     rounds = 0
     while True:
         # 1. offers (as receiver) + status
-        want = recv_totals - recvd
-        offers = np.zeros(size, np.int64)
+        want = [t - r for t, r in zip(recv_totals, recvd)]
+        offers = [0] * size
         if error is None:
-            active = np.flatnonzero(want > 0)
-            if len(active):
+            active = [k for k in range(size) if want[k] > 0]
+            if active:
                 share = max(16, budget // len(active))
-                offers[active] = np.minimum(np.minimum(want[active], share), max_message)
-        status = -1 if error is not None else int((send_totals - sent).sum() + want.sum())
-        msg = np.empty((size, 2), np.int64)
-        msg[:, 0] = offers
-        msg[:, 1] = status
-        got = comm.alltoall_int64(msg)
-        statuses = got[:, 1]
-        if (statuses < 0).any():
+                for k in active:
+                    offers[k] = min(want[k], share, max_message)
+        status = (-1 if error is not None
+                  else sum(t - s for t, s in zip(send_totals, sent)) + sum(want))
+        got = comm.alltoall_int64([[offers[k], status] for k in range(size)])
+        statuses = [row[1] for row in got]
+        if any(st < 0 for st in statuses):
             break
-        if not statuses.any():
+        if not any(statuses):
             break
         rounds += 1
         # 2. accept (as sender), within my budget, on element boundaries
-        accept = np.zeros((size, 1), np.int64)
+        counts_out = [0] * size
         room = budget
         for k in range(size):
-            offer = int(min(got[k, 0], send_totals[k] - sent[k], room))
+            offer = min(got[k][0], send_totals[k] - sent[k], room)
             if offer > 0 and error is None:
                 try:
-                    n = align(k, int(sent[k]), offer)
+                    n = align(k, sent[k], offer)
                 except BaseException as e:  # noqa: BLE001 - reported next round
                     error, n = describe(e), 0
-                accept[k, 0] = n
+                counts_out[k] = n
                 room -= n
-        counts_in = comm.alltoall_int64(accept)[:, 0]
-        counts_out = accept[:, 0]
+        counts_in = [row[0] for row in comm.alltoall_int64([[n] for n in counts_out])]
         # 3. move the bytes
-        nout, nin = int(counts_out.sum()), int(counts_in.sum())
+        nout, nin = sum(counts_out), sum(counts_in)
         if len(sendbuf) < nout:
-            sendbuf = np.empty(nout, np.uint8)
+            sendbuf = bytearray(nout)
         if len(recvbuf) < nin:
-            recvbuf = np.empty(nin, np.uint8)
+            recvbuf = bytearray(nin)
         pos = 0
-        for k in np.flatnonzero(counts_out):
-            n = int(counts_out[k])
+        for k, n in enumerate(counts_out):
+            if not n:
+                continue
             if error is None:
                 try:
-                    fill(int(k), int(sent[k]), memoryview(sendbuf)[pos:pos + n])
+                    fill(k, sent[k], memoryview(sendbuf)[pos:pos + n])
                 except BaseException as e:  # noqa: BLE001 - reported next round
                     error = describe(e)
             sent[k] += n
             pos += n
         comm.alltoallv_bytes(sendbuf, counts_out, recvbuf, counts_in)
         pos = 0
-        for j in np.flatnonzero(counts_in):
-            n = int(counts_in[j])
+        for j, n in enumerate(counts_in):
+            if not n:
+                continue
             if error is None:
                 try:
-                    drain(int(j), int(recvd[j]), memoryview(recvbuf)[pos:pos + n])
+                    drain(j, recvd[j], memoryview(recvbuf)[pos:pos + n])
                 except BaseException as e:  # noqa: BLE001 - reported next round
                     error = describe(e)
             recvd[j] += n
             pos += n
     comm.check(step, error)
-    failed = {r: "failed (see that rank's error)" for r in np.flatnonzero(statuses < 0)}
+    failed = {r: "failed (see that rank's error)" for r, st in enumerate(statuses) if st < 0}
     if failed:  # pragma: no cover - check() above raises first with the real messages
         raise RankFailure(step, failed)
-    return {"rounds": rounds, "bytes_sent": int(sent.sum() - sent[comm.rank]),
-            "bytes_received": int(recvd.sum() - recvd[comm.rank])}
+    return {"rounds": rounds, "bytes_sent": sum(sent) - sent[comm.rank],
+            "bytes_received": sum(recvd) - recvd[comm.rank]}

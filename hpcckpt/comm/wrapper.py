@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from typing import TYPE_CHECKING, Any, Iterator
+from array import array
+from itertools import accumulate
+from typing import Any, Iterator
 
 from ..errors import HpcckptError, RankFailure
-
-if TYPE_CHECKING:   # numpy is imported by the buffer collectives only (see hpcckpt.dtypes)
-    import numpy as np
 
 
 class Comm:
@@ -49,28 +48,29 @@ class Comm:
         return value if self.mpi is None else self.mpi.allreduce(value)
 
     # ---- buffer collectives --------------------------------------------------
-    def alltoall_int64(self, send: np.ndarray) -> np.ndarray:
-        """``send`` has shape (size, k); row j goes to rank j. Returns rows from each rank."""
+    def alltoall_int64(self, rows: list[list[int]]) -> list[list[int]]:
+        """Row j (k integers, the same k on every rank) goes to rank j; returns the row
+        each rank sent here, by rank."""
         if self.mpi is None:
-            return send.copy()
-        import numpy as np
-        recv = np.empty_like(send)
+            return [list(r) for r in rows]
+        k = len(rows[0])
+        send = array("q", [v for r in rows for v in r])
+        recv = array("q", [0]) * len(send)
         self.mpi.Alltoall(send, recv)
-        return recv
+        return [recv[j * k:(j + 1) * k].tolist() for j in range(self.size)]
 
-    def alltoallv_bytes(self, sendbuf: np.ndarray, sendcounts: np.ndarray,
-                        recvbuf: np.ndarray, recvcounts: np.ndarray) -> None:
-        """Exchange uint8 buffers; counts per peer (each below 2 GiB, totals too)."""
+    def alltoallv_bytes(self, sendbuf, sendcounts: list[int], recvbuf,
+                        recvcounts: list[int]) -> None:
+        """Exchange byte buffers; counts per peer (each below 2 GiB, totals too)."""
         if self.mpi is None:
-            n = int(sendcounts[0])
-            recvbuf[:n] = sendbuf[:n]
+            n = sendcounts[0]
+            memoryview(recvbuf)[:n] = memoryview(sendbuf)[:n]
             return
-        import numpy as np
         from mpi4py import MPI
-        sdis = np.concatenate(([0], np.cumsum(sendcounts)[:-1])).astype(np.int64)
-        rdis = np.concatenate(([0], np.cumsum(recvcounts)[:-1])).astype(np.int64)
-        self.mpi.Alltoallv([sendbuf, (sendcounts.astype(np.int64), sdis), MPI.BYTE],
-                           [recvbuf, (recvcounts.astype(np.int64), rdis), MPI.BYTE])
+        sdis = [0, *accumulate(sendcounts)][:-1]
+        rdis = [0, *accumulate(recvcounts)][:-1]
+        self.mpi.Alltoallv([sendbuf, (list(sendcounts), sdis), MPI.BYTE],
+                           [recvbuf, (list(recvcounts), rdis), MPI.BYTE])
 
     # ---- failure protocol ----------------------------------------------------
     @contextlib.contextmanager

@@ -6,14 +6,15 @@ copied through a bounded buffer; the rest move in bounded rounds of Alltoallv
 """
 from __future__ import annotations
 
+import bisect
 import os
 import time
 import zlib
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import xxhash
 
 from ..comm.exchange import exchange_streams
@@ -39,15 +40,21 @@ from .filecopy import (DEFAULT_BUFFER, CopyOptions, _create, _hash_entry, checks
                        prepare_output_dir, remove_files, rename_partials)
 from .result import OpResult
 
+if TYPE_CHECKING:
+    import numpy as np
+# numpy is imported by the functions that return arrays (load, reshard_state); the
+# node-local reshard moves bytes through bytearrays and never loads it
+
 #: send + receive buffers per rank per round: with the copy buffer and the reader's
 #: scratch (4 MiB each) a node-local reshard of W1 peaks at 115 MiB per rank
 DEFAULT_BUDGET = 64 << 20
 DEFAULT_MAX_MESSAGE = 1 << 30
 
 #: read(route, sub_box, out, out_base): C-order bytes of sub_box (inside route.region)
-ReadFn = Callable[[Route, Box, np.ndarray, int], None]
+#: into a writable byte buffer (bytearray, memoryview or uint8 array)
+ReadFn = Callable[[Route, Box, "memoryview", int], None]
 #: write(route, sub_box, data, base): C-order bytes of sub_box into every local target
-WriteFn = Callable[[Route, Box, np.ndarray, int], None]
+WriteFn = Callable[[Route, Box, "memoryview", int], None]
 
 
 @dataclass
@@ -63,8 +70,8 @@ def execute_routes(comm: Comm, plan: RoutePlan, read: ReadFn, write: WriteFn, bu
     stats = RouteStats()
     with comm.step(f"{step}: local copies"):
         # no bigger than the largest local route, and freed before the exchange
-        buf = np.empty(max(16, min(buffer_size, max((r.nbytes for r in plan.local), default=0))),
-                       np.uint8)
+        buf = bytearray(max(16, min(buffer_size, max((r.nbytes for r in plan.local),
+                                                      default=0))))
         for route in plan.local:
             stats.bytes_local += copy_route(route, read, write, buf)
         del buf
@@ -73,29 +80,27 @@ def execute_routes(comm: Comm, plan: RoutePlan, read: ReadFn, write: WriteFn, bu
     recvs = {j: _Stream(rs) for j, rs in plan.recvs.items()}
 
     def fill(k: int, off: int, view: memoryview) -> None:
-        out = np.frombuffer(view, np.uint8)
         for route, lo, hi, pos in sends[k].walk(off, len(view)):
             for sub, a, _ in _pieces(route, lo, hi, None):
-                read(route, sub, out, pos + a - lo)
+                read(route, sub, view, pos + a - lo)
 
     def drain(j: int, off: int, view: memoryview) -> None:
-        data = np.frombuffer(view, np.uint8)
         for route, lo, hi, pos in recvs[j].walk(off, len(view)):
             for sub, a, _ in _pieces(route, lo, hi, None):
-                write(route, sub, data, pos + a - lo)
+                write(route, sub, view, pos + a - lo)
 
     def align(k: int, off: int, n: int) -> int:
         return sends[k].align(off, n)
 
-    counters = exchange_streams(comm, np.array(send_tot), np.array(recv_tot), fill, drain, align,
-                                budget, max_message, step=step)
+    counters = exchange_streams(comm, send_tot, recv_tot, fill, drain, align, budget,
+                                max_message, step=step)
     stats.bytes_sent = counters["bytes_sent"]
     stats.bytes_received = counters["bytes_received"]
     stats.rounds = counters["rounds"]
     return stats
 
 
-def copy_route(route: Route, read: ReadFn, write: WriteFn, buf: np.ndarray) -> int:
+def copy_route(route: Route, read: ReadFn, write: WriteFn, buf: bytearray) -> int:
     """A local route, through ``buf``; returns its bytes."""
     for sub, _, _ in _pieces(route, 0, route.nbytes, len(buf)):
         read(route, sub, buf, 0)
@@ -115,8 +120,8 @@ class BoxAssembler:
     bounded whatever the order of arrival.
     """
 
-    def __init__(self, plan: RoutePlan, cap: int, read_into: Callable[[Route, np.ndarray], None],
-                 write_piece: WriteFn, write_box: Callable[[tuple[str, Box], np.ndarray], None],
+    def __init__(self, plan: RoutePlan, cap: int, read_into: Callable[[Route, bytearray], None],
+                 write_piece: WriteFn, write_box: Callable[[tuple[str, Box], bytearray], None],
                  read: ReadFn, buffer_size: int):
         self.cap, self.read, self.buffer_size = cap, read, buffer_size
         self.read_into, self.write_piece, self.write_box = read_into, write_piece, write_box
@@ -135,12 +140,12 @@ class BoxAssembler:
             else:
                 kept.append(r)
         self.plan = RoutePlan(plan.rank, plan.sends, plan.recvs, kept)
-        self.staged: dict[tuple[str, Box], np.ndarray] = {}
+        self.staged: dict[tuple[str, Box], bytearray] = {}
         self.opened: set[tuple[str, Box]] = set()
         self.staged_bytes = 0
         self.bytes_local = 0
 
-    def write(self, route: Route, sub: Box, data: np.ndarray, base: int) -> None:
+    def write(self, route: Route, sub: Box, data: memoryview, base: int) -> None:
         key = (route.tensor.name, route.dst_box)
         if route.provider == route.receiver or key not in self.missing:
             self.write_piece(route, sub, data, base)
@@ -160,16 +165,16 @@ class BoxAssembler:
             del self.staged[key]
             self.staged_bytes -= len(arr)
 
-    def _open(self, key: tuple[str, Box], route: Route) -> np.ndarray | None:
+    def _open(self, key: tuple[str, Box], route: Route) -> bytearray | None:
         local = self.deferred.pop(key, [])
         nbytes = route.dst_box.volume * route.tensor.itemsize
         if self.staged_bytes + nbytes > self.cap:  # full: this box goes piece by piece
-            buf = np.empty(max(16, min(self.buffer_size, max((r.nbytes for r in local),
-                                                             default=0))), np.uint8)
+            buf = bytearray(max(16, min(self.buffer_size, max((r.nbytes for r in local),
+                                                              default=0))))
             for r in local:
                 self.bytes_local += copy_route(r, self.read, self.write_piece, buf)
             return None
-        arr = self.staged[key] = np.empty(nbytes, np.uint8)
+        arr = self.staged[key] = bytearray(nbytes)
         self.staged_bytes += nbytes
         for r in local:
             self.read_into(r, arr)
@@ -190,7 +195,7 @@ class InOrderHashes:
         self.hashers: dict = {}
         self.done: dict = {}       # key -> bytes hashed so far, or -1 once out of order
 
-    def update(self, key, offset: int, data: np.ndarray) -> None:
+    def update(self, key, offset: int, data: memoryview) -> None:
         if self.done.get(key, 0) != offset:
             self.spoil(key)
             return
@@ -215,11 +220,10 @@ class _Stream:
 
     def __init__(self, routes: list[Route]):
         self.routes = routes
-        self.starts = np.cumsum([0] + [r.nbytes for r in routes]).tolist()
+        self.starts = [0, *accumulate(r.nbytes for r in routes)]
 
     def walk(self, off: int, n: int):
         """(route, lo, hi, position in the window) for stream bytes [off, off + n)."""
-        import bisect
         i = bisect.bisect_right(self.starts, off) - 1
         end = off + n
         while off < end and i < len(self.routes):
@@ -232,7 +236,6 @@ class _Stream:
 
     def align(self, off: int, n: int) -> int:
         """Largest m <= n so that off + m ends on an element boundary."""
-        import bisect
         end = off + n
         i = bisect.bisect_right(self.starts, end) - 1
         if i >= len(self.routes) or end == self.starts[i]:
@@ -260,7 +263,7 @@ def _pieces(route: Route, lo: int, hi: int, max_bytes: int | None):
 
 def _region_reader(reader_for: Callable[[Route], tuple]) -> ReadFn:
     """Build a ReadFn from a function giving (kind, source, replica) per route."""
-    def read(route: Route, sub: Box, out: np.ndarray, base: int) -> None:
+    def read(route: Route, sub: Box, out: memoryview, base: int) -> None:
         kind, src, replica = reader_for(route)
         sr = strided_runs(sub, route.src.box, sub, route.tensor.itemsize)
         if kind == "file":
@@ -270,19 +273,21 @@ def _region_reader(reader_for: Callable[[Route], tuple]) -> ReadFn:
     return read
 
 
-def _memory_writer(targets: dict[tuple[str, Box], np.ndarray]) -> WriteFn:
-    def write(route: Route, sub: Box, data: np.ndarray, base: int) -> None:
+def _memory_writer(targets: dict[tuple[str, Box], "np.ndarray"]) -> WriteFn:
+    def write(route: Route, sub: Box, data: memoryview, base: int) -> None:
         arr = targets[(route.tensor.name, route.dst_box)]
         copy_runs(strided_runs(sub, sub, route.dst_box, route.tensor.itemsize), data, base, arr, 0)
     return write
 
 
-def _as_bytes(a: np.ndarray) -> np.ndarray:
+def _as_bytes(a: "np.ndarray") -> "np.ndarray":
+    import numpy as np
     return a.reshape(-1).view(np.uint8)
 
 
 def _allocate(strategy: Strategy, rank: int):
     """Arrays for the rank's boxes: ``{name: array}`` and their byte views by (name, box)."""
+    import numpy as np
     out: dict[str, np.ndarray] = {}
     targets: dict[tuple[str, Box], np.ndarray] = {}
     for t, box in strategy.rank_boxes(rank):
@@ -316,7 +321,7 @@ def plan_load(source: SourceIndex, strategy: Strategy, rank: int) -> RoutePlan:
 def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDGET,
          max_message: int = DEFAULT_MAX_MESSAGE, buffer_size: int = DEFAULT_BUFFER,
          stats: dict | None = None, src_strategy: Strategy | None = None
-         ) -> dict[str, np.ndarray]:
+         ) -> dict[str, "np.ndarray"]:
     """This rank's slices of every tensor under ``strategy``, from any checkpoint.
 
     Complete HF weights or a distributed checkpoint of any strategy, full or
@@ -347,7 +352,7 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
     reader = ChunkReader(inp.root, scratch_bytes=buffer_size)
     file_read = _region_reader(lambda r: ("file", reader, 0))
 
-    def read(route: Route, sub: Box, buf: np.ndarray, base: int) -> None:
+    def read(route: Route, sub: Box, buf: memoryview, base: int) -> None:
         if route.receiver == comm.rank:
             file_read(route, sub, buf, base)
         else:  # forwarding my own, already loaded, slice to a replica
@@ -389,12 +394,13 @@ def plan_summary(plan: RoutePlan, size: int, sends_read_disk: bool,
 
 
 # ---- in-memory reshard ----------------------------------------------------------------
-def reshard_state(local_state: dict[str, np.ndarray], src_strategy: Strategy,
+def reshard_state(local_state: dict[str, "np.ndarray"], src_strategy: Strategy,
                   dst_strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDGET,
-                  max_message: int = DEFAULT_MAX_MESSAGE) -> dict[str, np.ndarray]:
+                  max_message: int = DEFAULT_MAX_MESSAGE) -> dict[str, "np.ndarray"]:
     """Each rank passes the slices it holds under ``src_strategy`` and receives those it
     holds under ``dst_strategy``; no disk. Ranks beyond a strategy's world size hold
     nothing in it. A rank holding a slice locally copies it rather than receiving it."""
+    import numpy as np
     comm = as_comm(comm)
     with comm.step("plan"):
         for s, what in ((src_strategy, "source"), (dst_strategy, "destination")):
@@ -523,7 +529,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
         # assembled box, or one route covering the box); the rest are read back later
         hashing = InOrderHashes()
 
-        def write(route: Route, sub: Box, data: np.ndarray, base: int) -> None:
+        def write(route: Route, sub: Box, data: memoryview, base: int) -> None:
             sr = strided_runs(sub, sub, route.dst_box, route.tensor.itemsize)
             lo, hi = sr.dst_span()
             key = (route.tensor.name, route.dst_box)
@@ -535,13 +541,13 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                 write_runs_to_file(fd, path, begin, sr, data, base)
                 writeback(fd, begin + lo, hi - lo)
 
-        def read_into(route: Route, arr: np.ndarray) -> None:  # straight into box layout
+        def read_into(route: Route, arr: bytearray) -> None:  # straight into box layout
             _, src, replica = reader_for(route)
             src.read(route.src, route.tensor, strided_runs(route.region, route.src.box,
                                                            route.dst_box, route.tensor.itemsize),
                      arr, 0, replica)
 
-        def write_box(key: tuple[str, Box], arr: np.ndarray) -> None:
+        def write_box(key: tuple[str, Box], arr: bytearray) -> None:
             hashing.update(key, 0, arr)
             for fd, path, begin in targets[key]:
                 pwrite_all(fd, memoryview(arr), begin, path)

@@ -286,7 +286,8 @@ _REPORT_NUMPY = ("import atexit, os, sys\n"
 
 def test_contiguous_copies_never_import_numpy(data, tmp_path):
     """Start-up is part of every job's time (0.13 s per rank for numpy + ml_dtypes):
-    split and merge of contiguous runs move bytes without it; a strided copy loads it."""
+    split, merge and node-local reshard of contiguous runs move bytes without it; a
+    strided copy of short runs loads it."""
     dist, out = tmp_path / "dist", tmp_path / "out"
     for args in (["split", data["trio_model"], dist, "--strategy", data["trio_yaml"]],
                  ["merge", dist, out]):
@@ -295,6 +296,30 @@ def test_contiguous_copies_never_import_numpy(data, tmp_path):
         assert re.findall(r"@@numpy (\w+)", p.stdout) == ["False", "False"], p.stdout
     for n in TRIO:
         assert_bytes_equal(read_tensor(out / "model.safetensors", n), TRIO[n], n)
+    # node-local reshard, every tensor to another rank: bytes travel over MPI
+    rotated = write_yaml(tmp_path / "rotated.yaml", {**TRIO_DOC, "tensors": {
+        f"t{r}": {"shape": [16], "dtype": "F32", "boxes": {(r + 1) % 3: {"offsets": [0],
+                                                                          "sizes": [16]}}}
+        for r in range(3)}})
+    for j in range(2):
+        node = tmp_path / f"node{j}"
+        node.mkdir()
+        for name in ("manifest.json", "strategy.yaml"):
+            shutil.copy(dist / name, node / name)
+        for r in range(j, 3, 2):
+            shutil.copytree(dist / f"rank_{r}", node / f"rank_{r}")
+    p, codes, _ = run_ranks(["reshard", tmp_path / "node{rank}", tmp_path / "moved{rank}",
+                             "--strategy", rotated, "--node-local", "--json", "--no-fsync"], 2,
+                            prelude=_REPORT_NUMPY)
+    assert codes == {0: 0, 1: 0}, p.stderr
+    assert re.findall(r"@@numpy (\w+)", p.stdout) == ["False", "False"], p.stdout
+    summary = next(ln for ln in p.stdout.splitlines() if ln.startswith("{"))
+    # t0 (dir 0 -> file 1) and t1 (dir 1 -> file 2) change job rank; t2 (dir 2 -> file 0) not
+    assert json.loads(summary)["bytes_sent"] == 2 * 64
+    for r in range(3):
+        got = tmp_path / f"moved{((r + 1) % 3) % 2}" / f"rank_{(r + 1) % 3}"
+        assert_bytes_equal(read_tensor(next(got.glob("*.safetensors")), f"t{r}"),
+                           TRIO[f"t{r}"], f"t{r}")
     # the control: DOWN is stored by column blocks, so merging it needs a strided copy
     p, codes, _ = run_ranks(["merge", data["dist8"], tmp_path / "out8", "--no-fsync"], 1,
                             prelude=_REPORT_NUMPY)

@@ -41,7 +41,7 @@ def run(cap: int) -> tuple[np.ndarray, dict]:
         out[key[1]][:] = arr
 
     def read(r, sub, buf, base):
-        buf[base:base + sub.volume * 4] = sub_bytes(sub)
+        memoryview(buf)[base:base + sub.volume * 4] = sub_bytes(sub)
 
     def read_into(r, arr):
         copy_runs(strided_runs(r.region, r.region, r.dst_box, 4), sub_bytes(r.region), 0, arr, 0)

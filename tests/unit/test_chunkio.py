@@ -172,3 +172,26 @@ def test_preadv_into_short_file(tmp_path):
         assert a == b"x" * 60 and b[:30] == b"x" * 30
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("shape,box", [
+    ((6, 4, 2048), ((1, 0, 0), (4, 4, 1024))),     # 1 KiB runs: numpy strided copy
+    ((6, 4, 8192), ((1, 1, 4096), (4, 2, 4096))),  # 4 KiB runs: slice per run
+    ((3, 20000), ((0, 5), (3, 19990))),            # long runs, odd offsets
+])
+def test_copy_runs_both_paths(shape, box):
+    """A region of one row-major array into the same region of another, by bytes."""
+    from hpcckpt.storage.chunkio import LONG_RUN, copy_runs
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, shape, dtype=np.uint8)
+    region = Box(*box)
+    big = Box((0,) * len(shape), shape)
+    sr = strided_runs(region, big, big, 1)
+    assert sr.counts and (sr.length >= LONG_RUN) == (sr.length >= 4096)
+    dst = bytearray(b"\x5a" * (src.size + 3))
+    copy_runs(sr, memoryview(src.reshape(-1)), 0, dst, 3)
+    got = np.frombuffer(dst, np.uint8)[3:].reshape(shape)
+    sl = tuple(slice(o, o + s) for o, s in zip(region.offsets, region.sizes))
+    want = np.full(shape, 0x5A, np.uint8)
+    want[sl] = src[sl]
+    assert np.array_equal(got, want)
