@@ -646,7 +646,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the CLI when it has a load command (auto, the default)")
     p.add_argument("--exchange-budget", metavar="SIZE",
                    help="pass --exchange-budget SIZE to node-local reshard and load (default: "
-                        "the tool's own, 256MiB)")
+                        "the tool's own, 64MiB)")
     p.add_argument("--cache", choices=("warm", "cold", "asis"), default="warm",
                    help="page cache state of each run's inputs (see run.py)")
     p.add_argument("--no-prefault", dest="prefault", action="store_false",

@@ -345,7 +345,7 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
     t0 = time.perf_counter()
     _check_world(strategy, comm)  # the same verdict on every rank: no step needed
     with comm.step("plan"):
-        inp = open_input(path, src_strategy)
+        inp = open_input(path, src_strategy, lazy=True)
         check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
         plan = plan_load(inp.source, strategy, comm.rank)
         out, targets = _allocate(strategy, comm.rank)
@@ -463,7 +463,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     per_rank_out = my_out != out or comm.size == 1
     simulated = getattr(comm, "simulated", False)
     with comm.step("plan"):
-        inp = open_source(my_in, src_strategy, comm, prefix)
+        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True)
         if inp.kind != "distributed" or (inp.manifest is None and not simulated):
             raise UsageError(f"{my_in}: --node-local needs a distributed checkpoint with its "
                              f"{MANIFEST} on every node")

@@ -26,7 +26,7 @@ def load_job(path: str, strategy: Strategy, comm: Comm, *, against: str | None =
     if dry_run:
         _check_world(strategy, comm)
         with comm.step("plan"):
-            inp = open_source(path, src_strategy, comm)
+            inp = open_source(path, src_strategy, comm, lazy=True)
             check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
             row = {**plan_summary(plan_load(inp.source, strategy, comm.rank), comm.size,
                                   sends_read_disk=False),

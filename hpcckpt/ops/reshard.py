@@ -30,7 +30,7 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
                                   prefix=prefix, comm=comm, options=options, **exchange_opts)
     t0 = time.perf_counter()
     with comm.step("plan"):
-        inp = open_source(dist, src_strategy, comm, prefix)
+        inp = open_source(dist, src_strategy, comm, prefix, lazy=True)
         check_tensors_match(inp.source, strategy, str(dist), "the destination strategy")
         prefix = prefix or (inp.manifest.prefix if inp.manifest and inp.manifest.prefix else "model")
         assignment = dedup_assignment(strategy) if dedup else None
@@ -40,6 +40,8 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
                                    out, strategy, comm, t0)
         files = rank_files(strategy, prefix, assignment)
         pieces = divide_writes(files, comm.size)
+        for p in pieces[comm.rank] if comm.rank < len(pieces) else ():
+            inp.source.chunks(files[p.file].entries[p.entry].name)  # decoded and checked now
     if not options.dry_run:
         prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(dist),))
 

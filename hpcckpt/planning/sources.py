@@ -82,20 +82,24 @@ class SourceIndex:
     def check_complete(self, where: str) -> None:
         """Every element of every tensor is stored somewhere, and chunks do not overlap."""
         for name, t in self.tensors.items():
-            chunks = self.chunks(name)
-            full = Box.full(t.shape)
-            for c in chunks:
-                if not full.contains(c.box):
-                    raise FormatError(f"{where}: tensor {name!r} chunk {c.box} in {c.files[0]} lies "
-                                      f"outside shape {list(t.shape)}")
-            a, b, common = first_overlap(chunks)
-            if common is not None:
-                raise FormatError(f"{where}: tensor {name!r} chunks {a.box} ({a.files[0]}) "
-                                  f"and {b.box} ({b.files[0]}) overlap in {common}")
-            have = sum(c.box.volume for c in chunks)
-            if have != math.prod(t.shape):
-                raise FormatError(f"{where}: tensor {name!r} is incomplete: stored chunks cover "
-                                  f"{have} of {math.prod(t.shape)} elements")
+            check_tensor_chunks(where, t, self.chunks(name))
+
+
+def check_tensor_chunks(where: str, t: TensorInfo, chunks: list[SourceChunk]) -> None:
+    """``chunks`` lie inside ``t``, do not overlap, and cover every element of it."""
+    full = Box.full(t.shape)
+    for c in chunks:
+        if not full.contains(c.box):
+            raise FormatError(f"{where}: tensor {t.name!r} chunk {c.box} in {c.files[0]} lies "
+                              f"outside shape {list(t.shape)}")
+    a, b, common = first_overlap(chunks)
+    if common is not None:
+        raise FormatError(f"{where}: tensor {t.name!r} chunks {a.box} ({a.files[0]}) "
+                          f"and {b.box} ({b.files[0]}) overlap in {common}")
+    have = sum(c.box.volume for c in chunks)
+    if have != math.prod(t.shape):
+        raise FormatError(f"{where}: tensor {t.name!r} is incomplete: stored chunks cover "
+                          f"{have} of {math.prod(t.shape)} elements")
 
 
 def first_overlap(chunks: list[SourceChunk]):

@@ -15,8 +15,9 @@ from pathlib import Path
 from ..errors import CheckpointIOError, FormatError, UsageError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..planning.sources import SourceIndex, TensorInfo, group_chunks, strategy_source
-from .manifest import MANIFEST, Manifest, read_manifest
+from ..planning.sources import (SourceChunk, SourceIndex, TensorInfo, check_tensor_chunks,
+                                group_chunks, strategy_source)
+from .manifest import MANIFEST, ManifestIndex, read_manifest
 from .safetensors_io import SafetensorsHeader, read_header, safe_join
 
 HF_INDEX = "model.safetensors.index.json"
@@ -33,7 +34,7 @@ class InputCheckpoint:
     root: str
     source: SourceIndex
     files: tuple[str, ...]         #: every data file, relative to root
-    manifest: Manifest | None = None
+    manifest: ManifestIndex | None = None
     strategy: Strategy | None = None
     description: str = ""
 
@@ -55,9 +56,11 @@ def is_distributed(path: str | Path) -> bool:
 
 
 def open_input(path: str | Path, strategy: Strategy | None = None,
-               read_headers: bool = True) -> InputCheckpoint:
+               lazy: bool = False) -> InputCheckpoint:
     """Recognise ``path``. Complete inputs read every header (there are few files);
-    distributed inputs with a manifest read none (the manifest says everything)."""
+    distributed inputs with a manifest read none (the manifest says everything).
+    ``lazy``: a manifest's tensors are decoded and checked when planning first asks for
+    them (for callers that touch only their own tensors, before anything is written)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointIOError(f"{path}: no such file or directory")
@@ -66,7 +69,7 @@ def open_input(path: str | Path, strategy: Strategy | None = None,
             raise FormatError(f"{path}: not a .safetensors file")
         return _complete(path.parent, [path.name], f"single file {path.name}")
     if (path / MANIFEST).exists():
-        return _distributed_from_manifest(path, strategy)
+        return _distributed_from_manifest(path, strategy, lazy)
     if rank_dirs(path):
         if strategy is None:
             raise FormatError(f"{path}: distributed checkpoint has no {MANIFEST} (an unfinished "
@@ -126,22 +129,31 @@ def _complete(root: Path, files: list[str], desc: str, weight_map: dict | None =
     return InputCheckpoint("complete", str(root), source, tuple(files), description=desc)
 
 
-def _distributed_from_manifest(root: Path, strategy: Strategy | None) -> InputCheckpoint:
+def _distributed_from_manifest(root: Path, strategy: Strategy | None,
+                               lazy: bool = False) -> InputCheckpoint:
+    """Chunks come from the manifest, decoded and checked (paths inside ``root``,
+    inside the tensor, no overlap, complete) per tensor on first use; unless ``lazy``,
+    every tensor is decoded and checked now."""
     m = read_manifest(root)
     where = str(root / MANIFEST)
-    entries = []
+    tensors = {name: TensorInfo(name, shape, dtype) for name, (shape, dtype) in m.shapes.items()}
     checked: set[str] = set()
-    for t in m.tensors:
-        for c in t.chunks:
-            if c.file not in checked:  # a path check per file, not per chunk (1024 ranks:
-                safe_join(root, c.file, where)  # ~1,000 files but ~370,000 chunks)
-                checked.add(c.file)
-            entries.append((t.name, c.box, c.file))
-    grouped = group_chunks(entries)
-    tensors = [TensorInfo(t.name, t.shape, t.dtype) for t in m.tensors]
-    source = SourceIndex(tensors, {t.name: grouped.get(t.name, []) for t in m.tensors},
-                         redundancy=m.redundancy)
-    source.check_complete(where)
+
+    def chunks(name: str) -> list[SourceChunk]:
+        entries = []
+        for box, f in m.chunks(name):
+            if f not in checked:  # a path check per file, not per chunk (1024 ranks:
+                safe_join(root, f, where)  # ~1,000 files but ~370,000 chunks)
+                checked.add(f)
+            entries.append((name, box, f))
+        got = group_chunks(entries).get(name, [])
+        check_tensor_chunks(where, tensors[name], got)
+        return got
+
+    source = SourceIndex(tensors.values(), chunks, redundancy=m.redundancy)
+    if not lazy:
+        for name in tensors:
+            source.chunks(name)
     saved = None
     if (root / m.strategy).exists():
         from ..layout.loader import load_strategy
@@ -183,14 +195,14 @@ def require_strategy(inp: InputCheckpoint, given: Strategy | None, what: str) ->
     return s
 
 
-def open_source(path: str | Path, strategy: Strategy | None, comm, prefix: str | None = None
-                ) -> InputCheckpoint:
+def open_source(path: str | Path, strategy: Strategy | None, comm, prefix: str | None = None,
+                lazy: bool = False) -> InputCheckpoint:
     """``open_input``, except that a dry run simulating a job (``comm.simulated``) may
     plan a checkpoint that is not on this machine: when ``path`` does not exist it is
     taken to be what ``hpcckpt split`` writes for ``strategy`` (full, one file per rank),
     and no file is opened."""
     if not getattr(comm, "simulated", False) or Path(path).exists():
-        return open_input(path, strategy)
+        return open_input(path, strategy, lazy=lazy)
     if strategy is None:
         raise UsageError(f"{path}: does not exist; a simulated dry run of a checkpoint that is "
                          "not here needs --src-strategy")

@@ -102,6 +102,10 @@ TRIO_DOC = {"format": FMT, "mesh": {"r": 3},
             "tensors": {f"t{r}": {"shape": [16], "dtype": "F32",
                                   "boxes": {r: {"offsets": [0], "sizes": [16]}}}
                         for r in range(3)}}
+#: the same tensors, each moved to the next rank: t<r> on rank r + 1 (mod 3)
+ROTATED_TRIO_DOC = {**TRIO_DOC, "tensors": {
+    f"t{r}": {"shape": [16], "dtype": "F32", "boxes": {(r + 1) % 3: {"offsets": [0], "sizes": [16]}}}
+    for r in range(3)}}
 NO_WRITE = CopyOptions(fsync=False, progress=False)
 
 
@@ -297,10 +301,7 @@ def test_contiguous_copies_never_import_numpy(data, tmp_path):
     for n in TRIO:
         assert_bytes_equal(read_tensor(out / "model.safetensors", n), TRIO[n], n)
     # node-local reshard, every tensor to another rank: bytes travel over MPI
-    rotated = write_yaml(tmp_path / "rotated.yaml", {**TRIO_DOC, "tensors": {
-        f"t{r}": {"shape": [16], "dtype": "F32", "boxes": {(r + 1) % 3: {"offsets": [0],
-                                                                          "sizes": [16]}}}
-        for r in range(3)}})
+    rotated = write_yaml(tmp_path / "rotated.yaml", ROTATED_TRIO_DOC)
     for j in range(2):
         node = tmp_path / f"node{j}"
         node.mkdir()
@@ -679,6 +680,22 @@ def test_one_rank_fails_mid_copy(data, tmp_path):
     assert "more rank" not in p.stderr  # ranks 0 and 2 did not fail
     assert out.is_dir()  # the job had started writing...
     assert_nothing_complete(out)  # ...and removed its partial file
+
+
+def test_reshard_names_a_bad_manifest_chunk_before_writing(data, tmp_path):
+    """Reshard decodes the manifest lazily, tensor by tensor: the rank whose file needs
+    the damaged tensor names it in the plan step, before any output exists."""
+    dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
+    doc = json.loads((dist / "manifest.json").read_text())
+    doc["tensors"]["t1"]["chunks"][0]["offsets"] = [8]
+    (dist / "manifest.json").write_text(json.dumps(doc))
+    rotated = write_yaml(tmp_path / "rotated.yaml", ROTATED_TRIO_DOC)
+    p = fails_everywhere(["reshard", dist, out, "--strategy", rotated, "--no-fsync"], 3,
+                         f"hpcckpt reshard: error: rank 2: {dist / 'manifest.json'}: tensor "
+                         "'t1' chunk [8:24] in rank_1/model_rank_1.safetensors lies outside "
+                         "shape [16]")
+    assert "more rank" not in p.stderr   # ranks 0 and 1 write t2 and t0
+    assert not out.exists()
 
 
 def test_trio_merges_when_intact(data, tmp_path):
