@@ -154,11 +154,10 @@ def _distributed_from_manifest(root: Path, strategy: Strategy | None,
     if not lazy:
         for name in tensors:
             source.chunks(name)
-    saved = None
-    if (root / m.strategy).exists():
+    if strategy is None and (root / m.strategy).exists():  # 0.4 s at 1024 ranks: only if needed
         from ..layout.loader import load_strategy
-        saved = load_strategy(root / m.strategy)
-    return InputCheckpoint("distributed", str(root), source, m.files, m, strategy or saved,
+        strategy = load_strategy(root / m.strategy)
+    return InputCheckpoint("distributed", str(root), source, m.files, m, strategy,
                            f"distributed, {m.world_size} ranks, redundancy {m.redundancy}")
 
 

