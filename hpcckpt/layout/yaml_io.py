@@ -70,7 +70,10 @@ def _tensor(name: str, e: object, mesh: Mesh, where: str) -> TensorSpec:
     if stage is not None:
         if PP_AXIS not in mesh.sizes:
             raise StrategyError(f"{at}: has 'stage: {stage}' but the mesh has no 'pp' axis")
-        if not isinstance(stage, int) or not 0 <= stage < mesh.sizes[PP_AXIS]:
+        if not isinstance(stage, int) or isinstance(stage, bool):   # YAML's true is not 1
+            raise StrategyError(f"{at}: 'stage' must be an integer (a pp coordinate), "
+                                f"got {stage!r}")
+        if not 0 <= stage < mesh.sizes[PP_AXIS]:
             raise StrategyError(f"{at}: stage {stage!r} is out of range for pp={mesh.sizes[PP_AXIS]}")
     if "boxes" in e:
         for key in ("split", "zero", "stage"):
@@ -136,7 +139,7 @@ def _explicit_boxes(raw: object, shape: tuple[int, ...], mesh: Mesh, at: str) ->
         if (not isinstance(offs, list) or not isinstance(sizes, list)
                 or len(offs) != len(shape) or len(sizes) != len(shape)):
             raise StrategyError(f"{at}: box of rank {rank} needs {len(shape)} offsets and sizes")
-        if any(not isinstance(x, int) or x < 0 for x in offs + sizes):
+        if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in offs + sizes):
             raise StrategyError(f"{at}: box of rank {rank} has a negative or non-integer "
                                 f"offset or size: offsets {offs}, sizes {sizes}")
         box = Box(tuple(offs), tuple(sizes))

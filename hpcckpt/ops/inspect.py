@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import HpcckptError
 from ..layout.loader import load_strategy
 from ..layout.strategy import Strategy
-from ..storage.inputs import open_input
+from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input
 from ..storage.manifest import MANIFEST
 
 
@@ -23,6 +23,8 @@ def describe_strategy(s: Strategy) -> dict:
 
 def describe_path(path: str, strategy: Strategy | None = None, list_tensors: bool = False) -> dict:
     p = Path(path)
+    if p.is_file() and p.name in (HF_INDEX, MS_NAME_MAP, MANIFEST):
+        p = p.parent   # the file that names a checkpoint's files stands for its directory
     if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json"):
         return describe_strategy(load_strategy(p))
     complete_marker = True

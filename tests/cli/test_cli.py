@@ -327,6 +327,17 @@ def test_contiguous_copies_never_import_numpy(data, tmp_path):
     assert codes == {0: 0} and re.findall(r"@@numpy (\w+)", p.stdout) == ["True"], p.stdout
 
 
+def test_inspect_a_naming_file_describes_its_checkpoint(data, tmp_path):
+    """manifest.json or an HF index stands for its directory (not a MindSpore strategy)."""
+    by_dir = json.loads(ok(cli(["inspect", data["dist8"], "--json"])).stdout)
+    by_file = json.loads(ok(cli(["inspect", data["dist8"] / "manifest.json", "--json"])).stdout)
+    assert by_file == by_dir and by_dir["kind"] == "distributed"
+    hf = tmp_path / "hf"
+    ok(cli(["merge", data["dist8"], hf, "--max-shard-size", "200B", "--no-fsync"]))
+    doc = json.loads(ok(cli(["inspect", hf / "model.safetensors.index.json", "--json"])).stdout)
+    assert doc["kind"] == "complete" and doc["tensors"] == len(TENSORS) and doc["files"] > 1
+
+
 def test_json_summary_rank0_only(data, tmp_path):
     dist = tmp_path / "dist"
     p = ok(cli(["split", data["model"], dist, "--strategy", data["s3"], "--json"], n=3))

@@ -400,6 +400,21 @@ def test_error_stage_out_of_range():
         == "s.yaml: tensor 'w': stage -1 is out of range for pp=2"
 
 
+def test_error_stage_not_an_integer():
+    """YAML's ``true`` is a bool, which Python counts as the integer 1: refuse it."""
+    assert _err({"pp": 2}, {"w": {"shape": [4], "dtype": "F32", "stage": True}}) \
+        == "s.yaml: tensor 'w': 'stage' must be an integer (a pp coordinate), got True"
+    assert _err({"pp": 2}, {"w": {"shape": [4], "dtype": "F32", "stage": "1"}}) \
+        == "s.yaml: tensor 'w': 'stage' must be an integer (a pp coordinate), got '1'"
+
+
+def test_error_box_with_bool_size():
+    assert _err({"tp": 2}, {"w": {"shape": [2], "dtype": "F32", "boxes": {
+        0: {"offsets": [0], "sizes": [True]}, 1: {"offsets": [True], "sizes": [1]}}}}) \
+        == ("s.yaml: tensor 'w': box of rank 0 has a negative or non-integer offset or size: "
+            "offsets [0], sizes [True]")
+
+
 def test_error_unknown_dtype():
     assert _err({"tp": 2}, {"w": {"shape": [4], "dtype": "F31"}}) == (
         "s.yaml: tensor 'w': unknown dtype 'F31' (known: BOOL U8 I8 F8_E5M2 F8_E4M3 F8_E8M0 "
