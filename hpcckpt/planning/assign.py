@@ -28,12 +28,13 @@ def dedup_assignment(strategy: Strategy) -> dict[tuple[str, Box], int]:
     return out
 
 
-def balanced_cuts(boundaries: list[int], total: int, parts: int, align: int = 1) -> list[int]:
+def balanced_cuts(boundaries: list[int], total: int, parts: int) -> list[int]:
     """``parts + 1`` cut points in ``[0, total]`` splitting bytes evenly among parts.
 
     A cut snaps to the nearest natural boundary (e.g. a tensor's start) when one lies
     within 1/8 of a part's share, so most tensors are written whole by one rank.
-    ``boundaries`` must be sorted.
+    ``boundaries`` must be sorted. Cuts inside a tensor are not aligned to its elements
+    here: ``divide_writes`` knows the item sizes and aligns them.
     """
     cuts = [0]
     share = total / parts if parts else 0
