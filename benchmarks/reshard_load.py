@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 import run  # noqa: E402  (benchmarks/run.py: workload, setup, floors, cache, prefault)
 from run import (GiB, MiB, BenchError, Ctx, Op, W1_DTYPE, W1_SHAPE, W1_TENSORS,  # noqa: E402
                  cat_floor, find_mpiexec, fsync_tree, prefault, remove, set_cache,
-                 run_tool, setup, time_floor, time_launch, w1_names)
+                 run_tool, settle_disk, setup, time_floor, time_launch, w1_names)
 
 import hpcckpt  # noqa: E402  (run.py has put the checkout on sys.path if needed)
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml  # noqa: E402
@@ -297,6 +297,7 @@ def run_case(s: Setup, case: Case, fsync: bool, timed: bool = True, extra=()) ->
         if ctx.args.prefault:
             held = sum(case.held(s, r) for r in range(ctx.args.ranks))
             prefault(max(case.op.unique(ctx), held) + (ctx.args.ranks + 1) * (256 << 20))
+        settle_disk()
     dt, summary, rss = run_tool(cmd, rss_dir, case.label, ctx.args.ranks)
     if timed:
         for out in case.outputs(s):
