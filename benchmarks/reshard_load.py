@@ -297,7 +297,7 @@ def run_case(s: Setup, case: Case, fsync: bool, timed: bool = True, extra=()) ->
         if ctx.args.prefault:
             held = sum(case.held(s, r) for r in range(ctx.args.ranks))
             prefault(max(case.op.unique(ctx), held) + (ctx.args.ranks + 1) * (256 << 20))
-        settle_disk()
+        settle_disk(ctx.root)
     dt, summary, rss = run_tool(cmd, rss_dir, case.label, ctx.args.ranks)
     if timed:
         for out in case.outputs(s):

@@ -171,13 +171,25 @@ def prefault(nbytes: int) -> None:
     del held
 
 
-def settle_disk() -> None:
-    """Untimed, just before a timed run: ``sync`` every filesystem. The previous run's
-    outputs were deleted moments ago; on ext4 the journal commits that deletion (and,
-    mounted with ``discard``, trims the freed extents) at the next fsync, so whichever
-    command ran next paid for it: the same node-local reshard measured 0.6 s or 2.0 s.
-    Settling first gives the tool and the floor the same start."""
+def settle_disk(path: Path) -> None:
+    """Untimed, just before a timed run: ``sync`` every filesystem, then wait (at most
+    2 s) until the disk holding ``path`` has no request in flight. The previous run's
+    outputs were deleted moments ago; ext4 commits that deletion at the next fsync and,
+    mounted with ``discard``, then trims the freed extents in the background (0.14 s of
+    device time per GiB here), so whichever command ran next paid for it. Settling first
+    gives the tool and the floor the same start."""
     os.sync()
+    dev = os.stat(path).st_dev
+    inflight = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/inflight")
+    time.sleep(0.05)   # trims are queued after the journal commit that sync forced
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        try:
+            if sum(map(int, inflight.read_text().split())) == 0:
+                return
+        except (OSError, ValueError):   # not Linux, or no such block device (tmpfs, NFS)
+            return
+        time.sleep(0.01)
 
 
 def remove(path: Path) -> None:
@@ -323,7 +335,7 @@ def time_floor(ctx: Ctx, op: Op, fsync: bool) -> float:
     set_cache(op.floor_inputs(ctx), ctx.args.cache)
     if ctx.args.prefault:
         prefault(prefault_bytes(ctx, op))
-    settle_disk()
+    settle_disk(ctx.root)
     t0 = time.perf_counter()
     proc = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -364,7 +376,7 @@ def time_tool(ctx: Ctx, op: Op, fsync: bool) -> dict:
     set_cache(op.tool_inputs(ctx), ctx.args.cache)
     if ctx.args.prefault:
         prefault(prefault_bytes(ctx, op))
-    settle_disk()
+    settle_disk(ctx.root)
     dt, summary, rss = run_tool(cmd, rss_dir, op.name, ctx.args.ranks)
     ctx.outputs[op.name] = out
     if out.exists():
