@@ -6,8 +6,9 @@ strided copy; writes of many small runs into a file are merged into their span i
 windows (read, scatter, write), so nothing larger than a window is ever resident.
 
 Buffers are anything writable with the buffer protocol (``bytearray``, numpy arrays).
-numpy is imported only for strided copies: a split or merge whose runs are contiguous
-never loads it (see hpcckpt.dtypes for why start-up matters).
+numpy is imported only for strided copies of short runs: a split, merge or node-local
+reshard whose runs are contiguous or long never loads it (see hpcckpt.dtypes for why
+start-up matters).
 """
 from __future__ import annotations
 
