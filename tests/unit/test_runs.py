@@ -121,6 +121,17 @@ def test_runs_in_increasing_order():
     assert lo == runs[0].src_offset and hi == runs[-1].src_offset + runs[-1].length
 
 
+def test_offsets_lists_every_run_in_order():
+    sr = StridedRuns(100, 7, 4, (2, 3), (1000, 10), (50, 5))
+    src, dst = sr.offsets()
+    assert src == [100, 110, 120, 1100, 1110, 1120]
+    assert dst == [7, 12, 17, 57, 62, 67]
+    assert [(r.src_offset, r.dst_offset, r.length) for r in sr.runs()] == [
+        (s, d, 4) for s, d in zip(src, dst)]
+    assert StridedRuns(5, 6, 9, (), (), ()).offsets() == ([5], [6])   # one run
+    assert StridedRuns(5, 6, 0, (3,), (1,), (1,)).offsets() == ([], [])  # empty
+
+
 # ---------------------------------------------------------------------------------
 # against numpy
 # ---------------------------------------------------------------------------------
