@@ -29,7 +29,7 @@ from ..planning.routes import (Route, RoutePlan, destinations_touching, plan_rou
                                prefer_receiver)
 from ..planning.runs import flat_range_to_boxes, strided_runs
 from ..planning.sources import SourceChunk, SourceIndex, TensorInfo, strategy_source
-from ..storage.atomic import atomic_write_json, partial_name
+from ..storage.atomic import atomic_write_bytes, json_bytes, partial_name
 from ..storage.chunkio import ChunkReader, copy_runs, write_runs_to_file
 from ..storage.safetensors_io import pwrite_all, start_writeback
 from ..storage.inputs import open_input, open_source, rank_dirs
@@ -483,12 +483,14 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     with comm.step("plan routes"):
         assignment = dedup_assignment(strategy) if dedup else None
         owner = lambda d: d % comm.size  # noqa: E731 - as in plan_node_local
-        if options.dry_run:  # only this rank's files: planning cost stays per rank
-            files = [rank_file(strategy, prefix, d, assignment)
-                     for d in range(comm.rank, strategy.world_size, comm.size)]
-        else:  # every node's manifest lists every file
-            files = rank_files(strategy, prefix, assignment)
-        my_files = [(i, f) for i, f in enumerate(files) if owner(f.rank) == comm.rank]
+        # file d by its number; a rank lays out only its own files, except rank 0 which
+        # builds the manifest (it lists every file) once for every node's copy
+        if options.dry_run or comm.rank != 0:
+            files = {d: rank_file(strategy, prefix, d, assignment)
+                     for d in range(comm.rank, strategy.world_size, comm.size)}
+        else:
+            files = dict(enumerate(rank_files(strategy, prefix, assignment)))
+        my_files = [(i, f) for i, f in files.items() if owner(f.rank) == comm.rank]
 
         mine = [(e.name, e.box) for _, f in my_files for e in f.entries]
         plan = plan_node_local(inp.source, strategy, comm.rank, comm.size, dir_holders,
@@ -570,19 +572,23 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                     sums[(i, ei)] = (hashing.digest((e.name, e.box), e.nbytes)
                                      or _hash_entry(os.path.join(my_out, partial_name(f.path)), e,
                                                     options.buffer_size))
-        all_sums: dict = {}
-        for s in comm.allgather(sums):
-            all_sums.update(s)
+        gathered = comm.gather(sums)
         with comm.step("rename"):
             rename_partials(created, options.fsync)
+        with comm.step("manifest"):  # rank 0 alone holds every checksum, once
+            manifest = None
+            if comm.rank == 0:
+                all_sums = {k: v for s in gathered for k, v in s.items()}
+                manifest = json_bytes(build_manifest(strategy, list(files.values()), all_sums,
+                                                     dedup, prefix).to_dict())
+        manifest = comm.bcast(manifest)
         with comm.step("commit"):
             if per_rank_out or comm.rank == 0:
                 for r in range(strategy.world_size):
                     if owner(r) == comm.rank or not per_rank_out:
                         os.makedirs(os.path.join(my_out, f"rank_{r}"), exist_ok=True)
                 write_strategy_yaml(strategy, Path(my_out) / "strategy.yaml")
-                m = build_manifest(strategy, files, all_sums, dedup, prefix)
-                atomic_write_json(Path(my_out) / MANIFEST, m.to_dict(), options.fsync)
+                atomic_write_bytes(Path(my_out) / MANIFEST, manifest, options.fsync)
     except RankFailure:
         remove_files(created)
         raise
@@ -594,7 +600,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                                "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
                                "bytes_written": sum(f.data_bytes for _, f in my_files)})
     seconds = comm.allreduce_max(time.perf_counter() - t0)
-    return OpResult.from_rows("reshard", out, len(files), per_rank, seconds, comm.size,
+    return OpResult.from_rows("reshard", out, strategy.world_size, per_rank, seconds, comm.size,
                               extra={"transport": "node-local", "dedup": dedup,
                                      "bytes_sent": sum(r["bytes_sent"] for r in per_rank),
                                      "rounds": st.rounds,

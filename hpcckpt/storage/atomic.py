@@ -48,5 +48,10 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
         fsync_dir(os.path.dirname(path) or ".")
 
 
+def json_bytes(doc: object) -> bytes:
+    """How hpcckpt writes JSON files (manifests, indexes)."""
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
 def atomic_write_json(path: str | Path, doc: object, fsync: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode(), fsync)
+    atomic_write_bytes(path, json_bytes(doc), fsync)

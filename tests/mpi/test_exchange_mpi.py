@@ -596,6 +596,9 @@ def test_reshard_node_local(comm, shared_tmp, monkeypatch, src_name, src_dedup, 
         dirs = sorted(p.name for p in my_out.iterdir() if p.name.startswith("rank_"))
         assert dirs == sorted(f"rank_{d}" for d in range(rank, b.world_size, size)), dirs
         assert (my_out / "manifest.json").is_file() and (my_out / "strategy.yaml").is_file()
+        # rank 0 builds the manifest once; every node's copy is the same bytes
+        assert ((my_out / "manifest.json").read_bytes()
+                == (shared_tmp / "out0" / "ckpt" / "manifest.json").read_bytes())
         assert hpcckpt.load_strategy(my_out / "strategy.yaml").to_dict() == b.to_dict()
         assert not [p for p in my_out.rglob("*.partial")]
     collective(comm, own_out_dir)
