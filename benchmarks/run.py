@@ -37,7 +37,7 @@ except ImportError:   # running from a checkout without an install
     import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
 from hpcckpt.storage.safetensors_io import build_header, read_header
-from hpcckpt.launch import find_mpiexec as _find_mpiexec
+from hpcckpt.launch import find_mpiexec as _find_mpiexec, nested_launch_env
 from hpcckpt.errors import LaunchError
 
 GiB = 1 << 30
@@ -49,7 +49,6 @@ TARGET_RATIO = 1.25
 TARGET_RSS_MIB = 300
 RSS_WRAP = HERE / "rss_wrap.py"
 MODES = ("fsync", "nofsync")   #: tool default (fsync) vs `cat && sync FILE`; --no-fsync vs `cat`
-_STRIP_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "OMPI_")
 
 
 # ---- the workload ---------------------------------------------------------------------
@@ -109,10 +108,6 @@ def find_mpiexec() -> str:
         return _find_mpiexec()
     except LaunchError as e:
         raise SystemExit(f"benchmark: {e}") from None
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(_STRIP_PREFIXES)}
 
 
 class BenchError(Exception):
@@ -312,7 +307,7 @@ def setup(ctx: Ctx) -> None:
     cmd = [ctx.mpiexec, "-n", str(ctx.args.ranks), sys.executable, "-m", "hpcckpt", "split",
            str(ctx.complete_dir), str(ctx.dist), "--strategy", str(ctx.strategy), "--json"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=nested_launch_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(f"setup split failed ({proc.returncode}): {shlex.join(cmd)}\n"
                          f"{proc.stdout}{proc.stderr}")
@@ -348,7 +343,7 @@ def time_floor(ctx: Ctx, op: Op, fsync: bool) -> float:
 def run_tool(cmd: list[str], rss_dir: Path, label: str, ranks: int) -> tuple[float, dict, dict]:
     """Run one launched tool command: (wall seconds, its --json summary, {rank: peak RSS MiB})."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=nested_launch_env(), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         raise BenchError(f"{label} failed ({proc.returncode}): {shlex.join(cmd)}\n"
@@ -392,7 +387,7 @@ def time_launch(ctx: Ctx) -> float:
     rss_dir = ctx.root / "rss_launch"
     cmd = ctx.launch(["inspect", str(ctx.tp4), "--json"], rss_dir)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=nested_launch_env(), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     remove(rss_dir)
     if proc.returncode != 0:

@@ -37,8 +37,9 @@ import ml_dtypes
 import numpy as np
 
 from .errors import LaunchError
-from .launch import find_mpiexec as _find_mpiexec
+from .launch import find_mpiexec as _find_mpiexec, nested_launch_env
 from .layout import strategy_from_dict, write_strategy_yaml
+from .storage.inputs import HF_INDEX
 from .storage.safetensors_io import build_header, read_header
 from .units import format_bytes
 
@@ -47,9 +48,6 @@ BF16 = "BF16"
 SEED = 20240531
 GEN_CHUNK = 4 << 20          #: elements generated at a time (bounded memory)
 CMP_CHUNK = 16 << 20         #: bytes compared at a time
-HF_INDEX = "model.safetensors.index.json"
-#: children must not believe they belong to a surrounding MPI job
-_STRIP_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "OMPI_")
 
 
 # ---- the model ---------------------------------------------------------------------
@@ -203,15 +201,11 @@ def find_mpiexec() -> str:
         raise SystemExit(f"demo: {e}") from None
 
 
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(_STRIP_PREFIXES)}
-
-
 def run(cmd: list[str], title: str) -> float:
     """Print the command, run it with its output shown, return the wall time."""
     print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env())
+    proc = subprocess.run(cmd, env=nested_launch_env())
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         raise DemoFailure(f"{title}: command exited with status {proc.returncode}")

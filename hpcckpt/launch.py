@@ -9,6 +9,9 @@ from pathlib import Path
 from .errors import LaunchError
 
 _SIZE_VARS = ("SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+#: variables an MPI launcher sets for its processes: a job started from inside one (the
+#: demo, the benchmarks) would otherwise join the outer job instead of starting its own
+_JOB_VAR_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "OMPI_")
 
 
 def check_launch(world_size: int, environ=os.environ) -> None:
@@ -24,6 +27,12 @@ def check_launch(world_size: int, environ=os.environ) -> None:
                 f"{var}={value} but the MPI world has {world_size} rank(s): launch with "
                 f"`srun` or `mpiexec -n {value}` using the MPI that mpi4py was built against "
                 "(or set HPCCKPT_SKIP_LAUNCH_CHECK=1)")
+
+
+def nested_launch_env() -> dict[str, str]:
+    """``os.environ`` for an ``mpiexec`` started by this process: without the variables
+    of the MPI job this process may itself be part of."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_JOB_VAR_PREFIXES)}
 
 
 def find_mpiexec() -> str:

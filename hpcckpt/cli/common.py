@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from ..comm.exchange import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
 from ..ops.filecopy import DEFAULT_BUFFER, CopyOptions
 from ..ops.result import OpResult
 from ..units import format_bytes, parse_size
@@ -16,7 +17,7 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
     g.add_argument("--dry-run", action="store_true",
                    help="print the plan (bytes read and written per rank) without writing")
     g.add_argument("--buffer-size", type=parse_size, default=DEFAULT_BUFFER, metavar="SIZE",
-                   help="copy buffer per rank (default 4MiB); bounds memory")
+                   help=f"copy buffer per rank (default {format_bytes(DEFAULT_BUFFER)}); bounds memory")
     if writes:
         g.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
         g.add_argument("--no-fsync", action="store_true",
@@ -26,11 +27,12 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
 def add_exchange_options(p: argparse.ArgumentParser) -> None:
     """Options of commands whose bytes travel between ranks over MPI."""
     g = p.add_argument_group("exchange options")
-    g.add_argument("--exchange-budget", type=parse_size, default=parse_size("64MiB"),
+    g.add_argument("--exchange-budget", type=parse_size, default=DEFAULT_BUDGET,
                    metavar="SIZE", help="send + receive buffers per rank per exchange round "
-                   "(default 64MiB)")
-    g.add_argument("--max-message", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
-                   help="largest single MPI message (kept below 2 GiB)")
+                   f"(default {format_bytes(DEFAULT_BUDGET)})")
+    g.add_argument("--max-message", type=parse_size, default=DEFAULT_MAX_MESSAGE, metavar="SIZE",
+                   help="largest single MPI message (kept below 2 GiB; default "
+                   f"{format_bytes(DEFAULT_MAX_MESSAGE)})")
 
 
 def add_simulate_options(p: argparse.ArgumentParser) -> None:

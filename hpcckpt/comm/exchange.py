@@ -23,6 +23,10 @@ from ..errors import RankFailure
 from .wrapper import Comm, describe
 
 MAX_MPI_MESSAGE = (1 << 31) - 1
+#: send + receive buffers per rank per round: with the copy buffer and the reader's
+#: scratch (4 MiB each) a node-local reshard of W1 peaks at 115 MiB per rank
+DEFAULT_BUDGET = 64 << 20
+DEFAULT_MAX_MESSAGE = 1 << 30
 
 #: fill(receiver, stream_offset, out_view) writes the next bytes of my stream to receiver
 Fill = Callable[[int, int, memoryview], None]
@@ -34,7 +38,7 @@ Align = Callable[[int, int, int], int]
 
 def exchange_streams(comm: Comm, send_totals: Sequence[int], recv_totals: Sequence[int],
                      fill: Fill, drain: Drain, align: Align, budget: int,
-                     max_message: int = 1 << 30, step: str = "exchange") -> dict:
+                     max_message: int = DEFAULT_MAX_MESSAGE, step: str = "exchange") -> dict:
     """Move every stream to completion. Returns counters: rounds, bytes_sent, bytes_received.
 
     Plain Python integers and bytearrays: the bookkeeping is O(size) per round, and the

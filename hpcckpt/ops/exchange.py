@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import xxhash
 
-from ..comm.exchange import exchange_streams
+from ..comm.exchange import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE, exchange_streams
 from ..comm.wrapper import Comm, as_comm
 from ..dtypes import numpy_dtype
 from ..errors import FormatError, RankFailure, UsageError
@@ -36,19 +36,14 @@ from ..storage.inputs import open_input, open_source, rank_dirs
 from ..storage.manifest import MANIFEST
 from ..layout.yaml_io import write_strategy_yaml
 from .common import build_manifest, check_tensors_match
-from .filecopy import (DEFAULT_BUFFER, CopyOptions, _create, _hash_entry, checksum_of,
-                       prepare_output_dir, remove_files, rename_partials)
+from .filecopy import (DEFAULT_BUFFER, CopyOptions, _create, _fsync, _hash_entry, _open_rw,
+                       checksum_of, prepare_output_dir, remove_files, rename_partials)
 from .result import OpResult
 
 if TYPE_CHECKING:
     import numpy as np
 # numpy is imported by the functions that return arrays (load, reshard_state); the
 # node-local reshard moves bytes through bytearrays and never loads it
-
-#: send + receive buffers per rank per round: with the copy buffer and the reader's
-#: scratch (4 MiB each) a node-local reshard of W1 peaks at 115 MiB per rank
-DEFAULT_BUDGET = 64 << 20
-DEFAULT_MAX_MESSAGE = 1 << 30
 
 #: read(route, sub_box, out, out_base): C-order bytes of sub_box (inside route.region)
 #: into a writable byte buffer (bytearray, memoryview or uint8 array)
@@ -513,7 +508,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
             targets: dict[tuple[str, Box], list[tuple[int, str, int]]] = {}
             for i, f in my_files:
                 created.append(_create(os.path.join(my_out, f.path), f))
-                fds[i] = os.open(created[-1], os.O_RDWR)
+                fds[i] = _open_rw(created[-1])
                 for e in f.entries:
                     targets.setdefault((e.name, e.box), []).append((fds[i], created[-1], e.begin))
         local_dir_set = set(local_dirs)
@@ -566,12 +561,12 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
         with comm.step("checksum"):
             sums = {}
             for i, f in my_files:
+                path = os.path.join(my_out, partial_name(f.path))
                 if options.fsync:
-                    os.fsync(fds[i])
+                    _fsync(fds[i], path)
                 for ei, e in enumerate(f.entries):
                     sums[(i, ei)] = (hashing.digest((e.name, e.box), e.nbytes)
-                                     or _hash_entry(os.path.join(my_out, partial_name(f.path)), e,
-                                                    options.buffer_size))
+                                     or _hash_entry(path, e, options.buffer_size))
         gathered = comm.gather(sums)
         with comm.step("rename"):
             rename_partials(created, options.fsync)

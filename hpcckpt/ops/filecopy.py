@@ -217,8 +217,10 @@ def _create(final: str, f: OutputFile, fsync: bool = False) -> str:
 
 
 def _open_rw(path: str) -> int:
+    """An existing output file, for positioned writes (and the reads of read-modify-write
+    windows, see ``chunkio.write_runs_to_file``)."""
     try:
-        return os.open(path, os.O_WRONLY)
+        return os.open(path, os.O_RDWR)
     except OSError as e:
         raise CheckpointIOError(f"{path}: cannot open for writing: {e.strerror or e}") from None
 

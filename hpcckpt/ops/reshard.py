@@ -40,7 +40,7 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
                                    out, strategy, comm, t0)
         files = rank_files(strategy, prefix, assignment)
         pieces = divide_writes(files, comm.size)
-        for p in pieces[comm.rank] if comm.rank < len(pieces) else ():
+        for p in pieces[comm.rank]:
             inp.source.chunks(files[p.file].entries[p.entry].name)  # decoded and checked now
     if not options.dry_run:
         prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(dist),))
