@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -162,3 +163,41 @@ def assert_bytes_equal(a, b, what: str = "tensor") -> None:
         f"{a.reshape(-1)[first]!r} (bytes {av[first].tobytes().hex()}) != "
         f"{b.reshape(-1)[first]!r} (bytes {bv[first].tobytes().hex()})"
     )
+
+
+# ---- MPI tests: comm is an mpi4py communicator or None (one process) ----------------
+def rank_size(comm) -> tuple[int, int]:
+    return (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
+
+
+def barrier(comm) -> None:
+    if comm is not None:
+        comm.Barrier()
+
+
+def allgather(comm, obj) -> list:
+    return [obj] if comm is None else comm.allgather(obj)
+
+
+def collective(comm, fn, *args) -> None:
+    """Run ``fn`` on every rank; if it fails anywhere, fail on every rank (no hang)."""
+    err = None
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - reported below on every rank
+        err = (f"rank {rank_size(comm)[0]}: {type(e).__name__}: {e}\n"
+               + "".join(traceback.format_exception(e)))
+    bad = [e for e in allgather(comm, err) if e]
+    if bad:
+        raise AssertionError("check failed on %d rank(s):\n%s" % (len(bad), "\n".join(bad)))
+
+
+def mine(comm, items):
+    """This rank's share of ``items`` (round robin)."""
+    r, n = rank_size(comm)
+    return [x for i, x in enumerate(items) if i % n == r]
+
+
+def box_slices(box) -> tuple:
+    """numpy index of ``box`` in the full tensor."""
+    return tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,8 @@ import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.storage.safetensors_io import build_header, read_header
 
-from helpers import DTYPES, assert_bytes_equal, make_tensors
+from helpers import (DTYPES, allgather, assert_bytes_equal, barrier, box_slices, collective,
+                     make_tensors, mine, rank_size)
 
 pytestmark = pytest.mark.mpi
 
@@ -168,31 +168,6 @@ def strategy(name: str, n: int = 1) -> hpcckpt.Strategy:
 # ---------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------
-def rank_size(comm) -> tuple[int, int]:
-    return (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-
-
-def barrier(comm) -> None:
-    if comm is not None:
-        comm.Barrier()
-
-
-def allgather(comm, obj) -> list:
-    return [obj] if comm is None else comm.allgather(obj)
-
-
-def collective(comm, fn, *args) -> None:
-    """Run ``fn`` on every rank; if it fails anywhere, fail on every rank (no hang)."""
-    err = None
-    try:
-        fn(*args)
-    except BaseException as e:  # noqa: BLE001 - reported below on every rank
-        err = (f"rank {rank_size(comm)[0]}: {type(e).__name__}: {e}\n"
-               + "".join(traceback.format_exception(e)))
-    errors = allgather(comm, err)
-    bad = [e for e in errors if e]
-    if bad:
-        raise AssertionError("check failed on %d rank(s):\n%s" % (len(bad), "\n".join(bad)))
 
 
 def need(comm, n: int) -> None:
@@ -202,18 +177,8 @@ def need(comm, n: int) -> None:
         pytest.skip(f"needs a job of at least {n} ranks (this one has {size})")
 
 
-def sl(box) -> tuple:
-    return tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))
-
-
 def cut(name: str, box) -> np.ndarray:
-    return FULL[name][sl(box)]
-
-
-def mine(comm, items):
-    """This rank's share of ``items`` (round robin)."""
-    r, n = rank_size(comm)
-    return [x for i, x in enumerate(items) if i % n == r]
+    return FULL[name][box_slices(box)]
 
 
 def local_state(s: hpcckpt.Strategy, rank: int) -> dict[str, np.ndarray]:
@@ -483,7 +448,7 @@ def expected_received(src_manifest: dict, dst: hpcckpt.Strategy, dst_holders,
                 tuple(slice(o, o + z) for o, z in zip(c["offsets"], c["sizes"]))] = True
         needs = [np.zeros(shape, bool) for _ in range(size)]
         for d, box in dst_holders(t.name):
-            needs[d % size][sl(box)] = True
+            needs[d % size][box_slices(box)] = True
         for k in range(size):
             recv[k] += int((needs[k] & ~have[k]).sum()) * DTYPES[dtype].itemsize
     return recv

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,8 @@ import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.storage.safetensors_io import build_header, read_header
 
-from helpers import DTYPES, assert_bytes_equal, make_tensors
+from helpers import (DTYPES, assert_bytes_equal, barrier, box_slices, collective, make_tensors,
+                     mine, rank_size)
 
 pytestmark = pytest.mark.mpi
 
@@ -168,27 +168,6 @@ TINY_BUFFER = CopyOptions(buffer_size=64, fsync=False, progress=False)
 # ---------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------
-def rank_size(comm) -> tuple[int, int]:
-    return (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-
-
-def barrier(comm) -> None:
-    if comm is not None:
-        comm.Barrier()
-
-
-def collective(comm, fn, *args) -> None:
-    """Run ``fn`` on every rank; if it fails anywhere, fail on every rank (no hang)."""
-    err = None
-    try:
-        fn(*args)
-    except BaseException as e:  # noqa: BLE001 - reported below on every rank
-        err = (f"rank {rank_size(comm)[0]}: {type(e).__name__}: {e}\n"
-               + "".join(traceback.format_exception(e)))
-    errors = [err] if comm is None else comm.allgather(err)
-    bad = [e for e in errors if e]
-    if bad:
-        raise AssertionError("check failed on %d rank(s):\n%s" % (len(bad), "\n".join(bad)))
 
 
 def write_complete(comm, path: Path) -> Path:
@@ -224,16 +203,6 @@ def entry_bytes(path, name: str) -> bytes:
         return f.read(e.nbytes)
 
 
-def slice_of(box) -> tuple:
-    return tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))
-
-
-def mine(comm, items):
-    """This rank's share of ``items`` (round robin)."""
-    r, n = rank_size(comm)
-    return [x for i, x in enumerate(items) if i % n == r]
-
-
 def check_rank_files(comm, dist: Path, s: hpcckpt.Strategy, dedup: bool, prefix: str = "model"):
     """Each rank file holds exactly its strategy boxes (full) or its assigned subset (dedup),
     with the right bytes and the self-describing metadata."""
@@ -261,7 +230,7 @@ def check_rank_files(comm, dist: Path, s: hpcckpt.Strategy, dedup: bool, prefix:
                 assert e.shape == box.sizes, (r, name, e.shape, box)
                 assert desc[name]["shape"] == TENSORS[name][0], (r, name, desc[name])
                 assert desc[name]["offsets"] == list(box.offsets), (r, name, desc[name], box)
-                assert_bytes_equal(read_tensor(path, name), FULL[name][slice_of(box)],
+                assert_bytes_equal(read_tensor(path, name), FULL[name][box_slices(box)],
                                    f"rank {r} file {name}")
     collective(comm, check)
 
