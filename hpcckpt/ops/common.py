@@ -5,13 +5,13 @@ import os
 from pathlib import Path
 
 from ..errors import FormatError
-from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import write_strategy_yaml
 from ..planning.outputs import OutputFile
 from ..planning.sources import SourceIndex
 from ..storage.atomic import atomic_write_json
-from ..storage.manifest import MANIFEST, Manifest, ManifestChunk, ManifestTensor
+from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
+from ..storage.manifest import Manifest, ManifestChunk, ManifestTensor
 
 
 def check_tensors_match(source: SourceIndex, strategy: Strategy, source_desc: str,
@@ -40,7 +40,7 @@ def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[
     tensors = tuple(ManifestTensor(t.name, t.shape, t.dtype, tuple(chunks[t.name]))
                     for t in strategy.tensors)
     return Manifest(strategy.world_size, "dedup" if dedup else "full", tensors,
-                    tuple(f.path for f in files), "strategy.yaml", prefix)
+                    tuple(f.path for f in files), STRATEGY_FILE, prefix)
 
 
 def commit_distributed(out: str, strategy: Strategy, files: list[OutputFile],
@@ -48,11 +48,7 @@ def commit_distributed(out: str, strategy: Strategy, files: list[OutputFile],
                        fsync: bool) -> None:
     """Rank 0, last: the strategy, then the manifest (its presence means complete)."""
     for r in range(strategy.world_size):  # ranks holding nothing still get their directory
-        os.makedirs(os.path.join(out, f"rank_{r}"), exist_ok=True)
-    write_strategy_yaml(strategy, Path(out) / "strategy.yaml")
+        os.makedirs(os.path.join(out, rank_dir_name(r)), exist_ok=True)
+    write_strategy_yaml(strategy, Path(out) / STRATEGY_FILE)
     manifest = build_manifest(strategy, files, checksums, dedup, prefix)
     atomic_write_json(Path(out) / MANIFEST, manifest.to_dict(), fsync)
-
-
-def full_box(shape) -> Box:
-    return Box.full(shape)

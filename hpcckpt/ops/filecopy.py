@@ -27,13 +27,14 @@ import xxhash
 
 from ..comm.wrapper import Comm
 from ..errors import CheckpointIOError, FormatError, RankFailure, UsageError
+from ..formats.names import CHECKSUM_PREFIX
 from ..layout.box import Box
 from ..planning.outputs import OutputFile, WritePiece
 from ..planning.runs import strided_runs, tile_contiguous
-from ..planning.sources import SourceIndex, TensorInfo
+from ..planning.sources import SourceIndex
 from ..storage.atomic import fsync_dir, partial_name
 from ..storage.chunkio import ChunkReader
-from ..storage.safetensors_io import pread_into, pwrite_all, start_writeback
+from ..storage.fileio import pread_into, pwrite_all, start_writeback
 from .progress import Progress
 from .result import OpResult
 
@@ -50,7 +51,7 @@ class CopyOptions:
 
 
 def checksum_of(data) -> str:
-    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
+    return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(data)
 
 
 def prepare_output_dir(comm: Comm, out: str, overwrite: bool, markers: tuple[str, ...],
@@ -113,7 +114,7 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
         with comm.step("create files"):
             for i, f in enumerate(files):
                 if i % comm.size == comm.rank:
-                    created.append(_create(os.path.join(out, f.path), f, opts.fsync))
+                    created.append(create_partial(os.path.join(out, f.path), f, opts.fsync))
         with comm.step("copy"):
             progress = Progress(written, f"{op} (rank 0)", comm.rank == 0 and opts.progress)
             buf = bytearray(min(opts.buffer_size, max((p.nbytes for p in mine), default=0)) or 1)
@@ -122,22 +123,22 @@ def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
                 f = files[p.file]
                 fd = handles.get(p.file)
                 if fd is None:
-                    fd = handles[p.file] = _open_rw(os.path.join(out, partial_name(f.path)))
+                    fd = handles[p.file] = open_rw(os.path.join(out, partial_name(f.path)))
                 h = (hashers.setdefault((p.file, p.entry), xxhash.xxh3_64())
                      if p.whole and checksums_needed else None)
                 _copy_piece(reader, source, f, p, fd, os.path.join(out, f.path), buf, h, progress,
                             opts.fsync)
             for key, h in hashers.items():
-                checksums[key] = "xxh3_64:" + h.hexdigest()
+                checksums[key] = CHECKSUM_PREFIX + h.hexdigest()
             del buf
             if opts.fsync:
                 for i, fd in handles.items():
-                    _fsync(fd, os.path.join(out, partial_name(files[i].path)))
+                    fsync_fd(fd, os.path.join(out, partial_name(files[i].path)))
             progress.close()
         with comm.step("checksum"):
             if checksums_needed:
                 for (fi, ei) in _split_entries_owned(pieces, comm.rank):
-                    checksums[(fi, ei)] = _hash_entry(
+                    checksums[(fi, ei)] = hash_entry(
                         os.path.join(out, partial_name(files[fi].path)), files[fi].entries[ei],
                         opts.buffer_size)
                 if comm.rank == 0:
@@ -193,7 +194,7 @@ def remove_files(paths: list[str]) -> None:
             pass
 
 
-def _create(final: str, f: OutputFile, fsync: bool = False) -> str:
+def create_partial(final: str, f: OutputFile, fsync: bool = False) -> str:
     """``<final>.partial`` at its full size with its header. A file with no data bytes
     is complete now (fsynced here with ``fsync``: no rank will write it again)."""
     path = partial_name(final)
@@ -210,13 +211,13 @@ def _create(final: str, f: OutputFile, fsync: bool = False) -> str:
             raise CheckpointIOError(f"{path}: cannot size to {f.size} bytes: "
                                     f"{e.strerror or e}") from None
         if fsync and f.data_bytes == 0:
-            _fsync(fd, path)
+            fsync_fd(fd, path)
     finally:
         os.close(fd)
     return path
 
 
-def _open_rw(path: str) -> int:
+def open_rw(path: str) -> int:
     """An existing output file, for positioned writes (and the reads of read-modify-write
     windows, see ``chunkio.write_runs_to_file``)."""
     try:
@@ -225,7 +226,7 @@ def _open_rw(path: str) -> int:
         raise CheckpointIOError(f"{path}: cannot open for writing: {e.strerror or e}") from None
 
 
-def _fsync(fd: int, path: str) -> None:
+def fsync_fd(fd: int, path: str) -> None:
     try:
         os.fsync(fd)
     except OSError as e:
@@ -238,7 +239,7 @@ def _copy_piece(reader: ChunkReader, source: SourceIndex, f: OutputFile, p: Writ
     """Fill piece ``p`` tile by tile (a tile: contiguous in the output, at most the
     buffer); ``writeback`` starts writing each tile to disk as soon as it is written."""
     e = f.entries[p.entry]
-    t = TensorInfo(e.name, e.global_shape, e.dtype)
+    t = e.tensor
     isz = e.itemsize
     cands = source.overlapping(e.name, p.box)
     strides = _elem_strides(e.box.sizes)
@@ -283,7 +284,7 @@ def _split_entries_owned(pieces: list[list[WritePiece]], rank: int) -> list[tupl
     return [k for k, r in owner.items() if r == rank]
 
 
-def _hash_entry(path: str, e, buffer_size: int) -> str:
+def hash_entry(path: str, e, buffer_size: int) -> str:
     h = xxhash.xxh3_64()
     buf = bytearray(min(buffer_size, e.nbytes) or 1)
     fd = os.open(path, os.O_RDONLY)
@@ -296,4 +297,4 @@ def _hash_entry(path: str, e, buffer_size: int) -> str:
             pos += n
     finally:
         os.close(fd)
-    return "xxh3_64:" + h.hexdigest()
+    return CHECKSUM_PREFIX + h.hexdigest()

@@ -10,8 +10,9 @@ from ..errors import UsageError
 from ..layout.strategy import Strategy
 from ..planning.outputs import OutputFile, divide_writes, hf_files, hf_index
 from ..storage.atomic import atomic_write_bytes, atomic_write_json
-from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input
-from ..storage.safetensors_io import build_header
+from ..formats.names import HF_INDEX, MS_META, MS_NAME_MAP, rank_dir_name
+from ..storage.inputs import open_input
+from ..formats.safetensors import build_header
 from .filecopy import CopyOptions, prepare_output_dir, write_files
 from .result import OpResult
 
@@ -64,7 +65,7 @@ def _commit_complete(out: str, files: list[OutputFile], layout: str, src_root: s
 
 def _write_hyper_params(out: str, src_root: str, fsync: bool) -> None:
     """MindSpore keeps epoch/step beside the merged parts; take them from rank_0/meta.json."""
-    meta_path = Path(src_root) / "rank_0" / "meta.json"
+    meta_path = Path(src_root) / rank_dir_name(0) / MS_META
     epoch = step = 0
     if meta_path.exists():
         try:
