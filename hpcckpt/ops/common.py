@@ -1,16 +1,13 @@
 """Pieces shared by the distributed-output operations (split, reshard)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from ..errors import FormatError
+from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
 from ..layout.strategy import Strategy
-from ..layout.yaml_io import write_strategy_yaml
+from ..layout.yaml_io import strategy_to_yaml
 from ..planning.outputs import OutputFile
 from ..planning.sources import SourceIndex
-from ..storage.atomic import atomic_write_json
-from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
+from ..storage.atomic import json_bytes
 from ..storage.manifest import Manifest, ManifestChunk, ManifestTensor
 
 
@@ -43,12 +40,16 @@ def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[
                     tuple(f.path for f in files), STRATEGY_FILE, prefix)
 
 
-def commit_distributed(out: str, strategy: Strategy, files: list[OutputFile],
-                       checksums: dict[tuple[int, int], str], dedup: bool, prefix: str,
-                       fsync: bool) -> None:
-    """Rank 0, last: the strategy, then the manifest (its presence means complete)."""
-    for r in range(strategy.world_size):  # ranks holding nothing still get their directory
-        os.makedirs(os.path.join(out, rank_dir_name(r)), exist_ok=True)
-    write_strategy_yaml(strategy, Path(out) / STRATEGY_FILE)
+def rank_dirs_of(strategy: Strategy) -> list[str]:
+    """Every rank's directory: ranks holding nothing still get theirs."""
+    return [rank_dir_name(r) for r in range(strategy.world_size)]
+
+
+def distributed_records(strategy: Strategy, files: list[OutputFile],
+                        checksums: dict[tuple[int, int], str], dedup: bool,
+                        prefix: str) -> list[tuple[str, bytes]]:
+    """The records of a distributed checkpoint, in commit order: the strategy, then the
+    manifest (its presence means complete)."""
     manifest = build_manifest(strategy, files, checksums, dedup, prefix)
-    atomic_write_json(Path(out) / MANIFEST, manifest.to_dict(), fsync)
+    return [(STRATEGY_FILE, strategy_to_yaml(strategy).encode()),
+            (MANIFEST, json_bytes(manifest.to_dict()))]

@@ -27,7 +27,8 @@ from ..storage.chunkio import ChunkReader, write_runs_to_file
 from ..storage.fileio import pwrite_all, start_writeback
 from ..storage.inputs import open_source, rank_dirs
 from .common import build_manifest, check_tensors_match
-from .filecopy import (CopyOptions, create_partial, fsync_fd, hash_entry, open_rw,
+# the write protocol's legacy copy, until node-local writes through ops.commit
+from .filecopy import (CopyOptions, _create, _fsync, _hash_entry, _open_rw,
                        prepare_output_dir, remove_files, rename_partials)
 from .result import OpResult
 from .route_exec import BoxAssembler, InOrderHashes, execute_routes, region_reader
@@ -100,8 +101,8 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
         with comm.step("create files"):
             targets: dict[tuple[str, Box], list[tuple[int, str, int]]] = {}
             for i, f in my_files:
-                created.append(create_partial(os.path.join(my_out, f.path), f))
-                fds[i] = open_rw(created[-1])
+                created.append(_create(os.path.join(my_out, f.path), f))
+                fds[i] = _open_rw(created[-1])
                 for e in f.entries:
                     targets.setdefault((e.name, e.box), []).append((fds[i], created[-1], e.begin))
         local_dir_set = set(local_dirs)
@@ -156,10 +157,10 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
             for i, f in my_files:
                 path = os.path.join(my_out, partial_name(f.path))
                 if options.fsync:
-                    fsync_fd(fds[i], path)
+                    _fsync(fds[i], path)
                 for ei, e in enumerate(f.entries):
                     sums[(i, ei)] = (hashing.digest((e.name, e.box), e.nbytes)
-                                     or hash_entry(path, e, options.buffer_size))
+                                     or _hash_entry(path, e, options.buffer_size))
         gathered = comm.gather(sums)
         with comm.step("rename"):
             rename_partials(created, options.fsync)
