@@ -48,7 +48,7 @@ from ..planning.runs import StridedRuns, tile_contiguous
 from ..storage.atomic import atomic_write_bytes, fsync_dir, io_error, new_token, partial_name
 from ..storage.chunkio import write_runs_to_file
 from ..storage.lock import LOCK_NAME, OutputLock
-from ..storage.safetensors_io import pread_into, pwrite_all, start_writeback
+from ..storage.fileio import pread_into, pwrite_all, start_writeback
 from .progress import Progress
 
 DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
