@@ -177,23 +177,27 @@ def test_signal_mid_write_cleans_up(data, tmp_path, sig, existing):
 # ---- 8.6 ------------------------------------------------------------------------------
 @pytest.mark.parametrize("cmd", ["split", "reshard"])
 def test_failed_run_does_not_block_its_retry(data, tmp_path, cmd):
-    """A run failing mid-copy leaves OUT as it found it, so the same command runs again."""
+    """A run failing mid-copy (its source cut short under it) leaves OUT as it found it,
+    so the same command runs again."""
+    out = tmp_path / "out"
     if cmd == "split":
         src = tmp_path / "model.safetensors"
         shutil.copy(data["model"], src)
-        saved = src.read_bytes()
-        os.truncate(src, len(saved) - 10)
-        args = ["split", src, tmp_path / "out", "--strategy", data["s8"]]
+        f, args = src, ["split", src, out, "--strategy", data["s8"]]
     else:
         src = copy_dist(data["dist8"], tmp_path / "dist")
-        f = src / "rank_7" / "model_rank_7.safetensors"
-        saved = f.read_bytes()
-        os.truncate(f, len(saved) - 10)
-        args = ["reshard", src, tmp_path / "out", "--strategy", data["s3"]]
-    p = cli(args, n=2)
-    assert p.returncode != 0 and "error" in p.stderr, p.stderr
-    assert not (tmp_path / "out").exists()
-    (src if cmd == "split" else f).write_bytes(saved)
+        f = src / "rank_0" / "model_rank_0.safetensors"
+        args = ["reshard", src, out, "--strategy", data["s3"]]
+    saved = f.read_bytes()
+    proc = start([*args, "--buffer-size", "4"], 2, SLOW)
+    wait_for_partial(out, proc)
+    os.truncate(f, read_header(f).data_start)
+    _, stderr = finish(proc)
+    assert proc.returncode != 0
+    assert re.search(rf"^hpcckpt {cmd}: error: rank \d: {re.escape(str(f))}: file ends before byte", stderr,
+                     re.M), stderr
+    assert not out.exists(), sorted(str(p) for p in out.rglob("*"))
+    f.write_bytes(saved)
     ok(cli(args, n=2))
 
 
