@@ -218,3 +218,44 @@ def test_write_errors_name_the_file_and_leave_nothing(tmp_path, monkeypatch):
     assert str(e.value) == (f"{out}/rank_0/a.safetensors: write of bytes {begin}-{begin + 48} "
                             "failed: No space left on device")
     assert not out.exists()
+
+
+# ---- push mode (bytes arriving from the network) -------------------------------------
+def test_push_writes_hash_in_order_and_read_back_otherwise(tmp_path, monkeypatch):
+    """Front-to-back writes are hashed in passing; an entry written out of order, or
+    with a gap filled later, is read back: the checksums are those of the bytes on disk
+    either way. Strided runs dense in the entry count as in order."""
+    import xxhash
+    from hpcckpt.planning.runs import strided_runs
+    files = [make_file("rank_0/a.safetensors", [("x", "U8", Box((0,), (100,)), (100,)),
+                                                ("y", "U8", Box((0,), (100,)), (100,)),
+                                                ("z", "U8", Box((0, 0), (4, 5)), (4, 5))])]
+    data = bytes(range(100))
+    read_back = []
+    real = __import__("hpcckpt.ops.commit", fromlist=["_hash_entry"])._hash_entry
+    monkeypatch.setattr("hpcckpt.ops.commit._hash_entry",
+                        lambda path, e, n: read_back.append(e.name) or real(path, e, n))
+    got = {}
+    with OutputCommit(Comm(None), str(tmp_path / "out"), files, options=FAST) as job:
+        with job.comm.step("exchange"):
+            job.create([0])
+            job.write(0, 0, 0, data[:40])
+            job.write(0, 0, 40, data[40:])
+            job.write(0, 1, 60, data[60:])     # out of order
+            job.write(0, 1, 0, data[:60])
+            zone = Box((0, 0), (4, 5))
+            for rows in (Box((0, 0), (2, 5)), Box((2, 0), (2, 5))):   # dense, in order
+                job.write_runs(0, 2, strided_runs(rows, rows, zone, 1), data, rows.offsets[0] * 5)
+        job.commit(lambda sums: got.update(sums) or [])
+    assert read_back == ["y"]
+    assert got == {(0, 0): "xxh3_64:" + xxhash.xxh3_64_hexdigest(data),
+                   (0, 1): "xxh3_64:" + xxhash.xxh3_64_hexdigest(data),
+                   (0, 2): "xxh3_64:" + xxhash.xxh3_64_hexdigest(data[:20])}
+
+
+def test_per_rank_outs_commit_each(tmp_path):
+    """shared=False: the rank takes, fills and commits its own OUT, records included."""
+    out = tmp_path / "node0"
+    _write(out, shared=False, dirs=["rank_0", "rank_2"])
+    assert _tree(out) == ["marker.json", "rank_0", "rank_0/a.safetensors", "rank_1",
+                          "rank_1/b.safetensors", "rank_2"]
