@@ -419,11 +419,10 @@ class OutputCommit:
         for i, j in todo:
             self.checksums[(i, j)] = _hash_entry(self._path(i, temp=True),
                                                  self.files[i].entries[j], self.options.buffer_size)
-        if self.comm.rank == 0 or not self.shared:
-            for i in self._temps if not self.shared else self.files:
-                for j, e in enumerate(self.files[i].entries):
-                    if e.nbytes == 0:
-                        self.checksums[(i, j)] = checksum_of(b"")
+        for i in self._temps:   # entries without bytes: by the file's creator
+            for j, e in enumerate(self.files[i].entries):
+                if e.nbytes == 0:
+                    self.checksums[(i, j)] = checksum_of(b"")
 
     def _rename(self) -> None:
         dirs = dict.fromkeys(os.path.dirname(p) for p in self._temps.values())
