@@ -35,7 +35,11 @@ echo "hpcckpt job $HPCCKPT_JOB_TAG: ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NUM_
 hpcckpt_launch() {
   case "$HPCCKPT_LAUNCHER" in
     srun) srun --mpi="$HPCCKPT_SRUN_MPI" --kill-on-bad-exit=1 ${HPCCKPT_TASK_WRAPPER:-} "$@" ;;
-    mpiexec) mpiexec -n "$SLURM_NTASKS" ${HPCCKPT_TASK_WRAPPER:-} "$@" ;;
+    mpiexec)
+      # mpiexec starts one proxy per node with srun, so the ranks would see the proxies'
+      # SLURM_NTASKS (= nodes); tell them the job's, which the launch check compares
+      local n=${SLURM_NTASKS:-$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))}
+      mpiexec -n "$n" env SLURM_NTASKS="$n" ${HPCCKPT_TASK_WRAPPER:-} "$@" ;;
   esac
 }
 
@@ -71,13 +75,15 @@ PY
 
 # hpcckpt_train CMD...: run the training step so that it can be preempted. SIGUSR1 to
 # this batch shell (#SBATCH --signal=B:USR1@T, or `scancel --signal=USR1 --batch`) is
-# forwarded to every task; the training's save manager (install_signal_handler) saves the
+# forwarded to every task of the job's steps; the training's save manager (install_signal_handler) saves the
 # step and the training exits 0. Then: finished (committed step >= LAST_STEP) -> exit 0;
 # stopped early but cleanly -> `scontrol requeue` (the next run resumes from the latest
 # committed step); failed -> the job fails.
 hpcckpt_train() {
   local pid rc=0 cut=0 last
-  trap 'cut=1; echo "hpcckpt job $HPCCKPT_JOB_TAG: SIGUSR1: forwarding it to the training step"; kill -USR1 "$pid" 2>/dev/null' USR1
+  # srun itself dies of SIGUSR1 (it forwards only INT, TERM, ...): signal the job's steps
+  # through slurmctld instead, which reaches every task on every node
+  trap 'cut=1; echo "hpcckpt job $HPCCKPT_JOB_TAG: SIGUSR1: forwarding it to the training step"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
   echo "hpcckpt job $HPCCKPT_JOB_TAG: run ${SLURM_RESTART_COUNT:-0}, latest committed step $(hpcckpt_last_step "$CHECKPOINT_DIR")"
   hpcckpt_launch "$@" &
   pid=$!

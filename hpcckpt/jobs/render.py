@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ def render_text(template: str, includes: Mapping[str, str], args: Sequence[str] 
     sbatch = dict(options.sbatch_options())
     settings = dict(options.setting_values())
     if args is not None:
-        settings["ARGS"] = "(" + " ".join(shlex.quote(a) for a in args) + ")"
+        settings["ARGS"] = "(" + " ".join(shlex.quote(os.fspath(a)) for a in args) + ")"
 
     out = [lines[0]]
     if options.command:
