@@ -132,9 +132,10 @@ class Cluster:
         self._wait_idle()
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
+        # in our process group: a test run killed on its timeout takes the daemons along
         out = open(self.root / "log" / f"{name}.stdout", "ab")
         self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL)
         out.close()
 
     def _start_munge(self) -> None:
