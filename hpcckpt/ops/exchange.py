@@ -344,7 +344,7 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
         check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
         plan = plan_load(inp.source, strategy, comm.rank)
         out, targets = _allocate(strategy, comm.rank)
-    reader = ChunkReader(inp.root, scratch_bytes=buffer_size)
+    reader = ChunkReader(inp, scratch_bytes=buffer_size)
     file_read = _region_reader(lambda r: ("file", reader, 0))
 
     def read(route: Route, sub: Box, buf: memoryview, base: int) -> None:
@@ -501,7 +501,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     prepare_output_dir(comm, my_out, options.overwrite, (MANIFEST,), inputs=(my_in,),
                        mine=per_rank_out or comm.rank == 0)
     created: list[str] = []
-    reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
+    reader = ChunkReader(inp, scratch_bytes=options.buffer_size)
     fds: dict[int, int] = {}
     try:
         with comm.step("create files"):

@@ -89,7 +89,7 @@ def check_not_input(out: str, inputs: tuple[str, ...]) -> None:
                              "choose another output directory")
 
 
-def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
+def write_files(comm: Comm, source: SourceIndex, source_root, out: str,
                 files: list[OutputFile], pieces: list[list[WritePiece]],
                 commit: Callable[[dict[tuple[int, int], str]], None], op: str,
                 opts: CopyOptions, marker_first: bool = False,

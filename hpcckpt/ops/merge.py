@@ -45,7 +45,7 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         _commit_complete(out, files, layout, inp.root, options.fsync)
 
     # complete weights carry no checksums: nothing to hash
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "merge", options,
+    result = write_files(comm, inp.source, inp, out, files, pieces, commit, "merge", options,
                          marker_first=True, checksums_needed=False)
     result.extra.update({"layout": layout, "tensors": len(tensors),
                          "shards": [f.path for f in files]})

@@ -48,7 +48,7 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
     def commit(checksums):
         commit_distributed(out, strategy, files, checksums, dedup, prefix, options.fsync)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "reshard", options)
+    result = write_files(comm, inp.source, inp, out, files, pieces, commit, "reshard", options)
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup,
                          "transport": "shared-fs"})
     return result

@@ -30,6 +30,6 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
     def commit(checksums):
         commit_distributed(out, strategy, files, checksums, dedup, prefix, options.fsync)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "split", options)
+    result = write_files(comm, inp.source, inp, out, files, pieces, commit, "split", options)
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup})
     return result

@@ -114,12 +114,17 @@ def _compact_chunk(pairs: list[tuple[str, object]]):
     return d
 
 
-def read_manifest(root: str | Path) -> ManifestIndex:
+def read_manifest(root: str | Path, meta=None) -> ManifestIndex:
+    """Parse ``root/manifest.json``; ``meta`` (a ``reader.MetaFiles``) supplies its bytes."""
     path = Path(root) / MANIFEST
+    if meta is None:
+        from .reader import MetaFiles
+        meta = MetaFiles()
+    raw = meta.read(path)
+    if raw is None:
+        raise CheckpointIOError(f"{path}: not found")
     try:
-        doc = json.loads(path.read_bytes(), object_pairs_hook=_compact_chunk)
-    except FileNotFoundError:
-        raise CheckpointIOError(f"{path}: not found") from None
+        doc = json.loads(raw, object_pairs_hook=_compact_chunk)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON: {e}") from None
     return ManifestIndex(doc, str(path))
