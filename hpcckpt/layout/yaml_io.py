@@ -249,4 +249,6 @@ def strategy_from_yaml_text(text: str | bytes, where: str) -> Strategy:
 
 
 def write_strategy_yaml(strategy: Strategy, path: str | Path) -> None:
-    Path(path).write_text(strategy_to_yaml(strategy))
+    """Whole or not at all (a full disk leaves no empty file), errors naming ``path``."""
+    from ..storage.atomic import atomic_write_bytes
+    atomic_write_bytes(path, strategy_to_yaml(strategy).encode())
