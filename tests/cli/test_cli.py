@@ -24,6 +24,7 @@ import yaml
 
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
+from hpcckpt.storage.manifest import read_manifest
 from hpcckpt.storage.safetensors_io import build_header, read_header
 from hpcckpt.units import format_bytes
 
@@ -699,7 +700,7 @@ def test_reshard_names_a_bad_manifest_chunk_before_writing(data, tmp_path):
     """Reshard decodes the manifest lazily, tensor by tensor: the rank whose file needs
     the damaged tensor names it in the plan step, before any output exists."""
     dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
-    doc = json.loads((dist / "manifest.json").read_text())
+    doc = read_manifest(dist).expanded()
     doc["tensors"]["t1"]["chunks"][0]["offsets"] = [8]
     (dist / "manifest.json").write_text(json.dumps(doc))
     rotated = write_yaml(tmp_path / "rotated.yaml", ROTATED_TRIO_DOC)
