@@ -252,6 +252,21 @@ class ManifestIndex:
                               f"{type(e).__name__}: {e}") from None
         return self._derived(name, t)
 
+    def derived_chunks(self, name: str) -> list[tuple[Box, tuple[str, ...], tuple[str, ...]]] | None:
+        """(box, files, checksums) per distinct box of a tensor whose chunks the strategy
+        gives (format 2 without a chunk list), files in rank order; None for a tensor
+        listing its chunks. Such chunks tile the tensor by construction (the strategy
+        was validated), so readers need not check them for overlaps and gaps."""
+        t = self._tensors.get(name)
+        if self.version == 1 or not isinstance(t, dict) or "chunks" in t:
+            return None
+        out: dict[Box, tuple[list[str], list[str]]] = {}
+        for b, f, s in self._derived(name, t):
+            fs, ss = out.setdefault(b, ([], []))
+            fs.append(f)
+            ss.append(s)
+        return [(b, tuple(fs), tuple(ss)) for b, (fs, ss) in out.items()]
+
     def _file(self, i) -> str:
         if not _is_int(i) or not 0 <= i < len(self.files):
             raise ValueError(f"file index {quote(i)} is not one of the {len(self.files)} files")
