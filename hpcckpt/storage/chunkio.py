@@ -19,9 +19,10 @@ import xxhash
 from ..errors import FormatError
 from ..layout.box import Box
 from ..planning.runs import StridedRuns
-from ..planning.sources import SourceChunk, TensorInfo
+from ..layout.tensor import TensorInfo
+from ..planning.sources import SourceChunk
+from .fileio import pread_into, pwrite_all
 from .reader import CheckpointReader
-from .safetensors_io import pread_into, pwrite_all
 
 WRITE_RUN = 1 << 10         #: runs this long are written one pwrite each
 SMALL_RUN = 256 << 10       #: with sparse spans, runs this long are read one by one

@@ -14,21 +14,18 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError, UsageError, quote
+from ..formats.names import (DEFAULT_PREFIX, HF_INDEX, HF_SHARD, MANIFEST, MS_NAME_MAP, RANK_DIR,
+                             STRATEGY_FILE, rank_dir_name, rank_file_name)
+from ..formats.safetensors import SafetensorsHeader, load_json, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
+from ..layout.tensor import TensorInfo
 from ..layout.yaml_io import strategy_from_yaml_text
-from ..planning.sources import (SourceChunk, SourceIndex, TensorInfo, check_tensor_chunks,
-                                group_chunks, strategy_source)
-from .manifest import MANIFEST, ManifestIndex, read_manifest, strategy_digest
+from ..planning.sources import (SourceChunk, SourceIndex, check_tensor_chunks, group_chunks,
+                                strategy_source)
+from .fileio import FileHandles, preadv_into, safe_join
+from .manifest import ManifestIndex, read_manifest, strategy_digest
 from .reader import CheckpointReader, MetaFiles, check_region
-from .safetensors_io import (FileHandles, SafetensorsHeader, load_json, preadv_into, read_header,
-                             safe_join)
-
-HF_INDEX = "model.safetensors.index.json"
-MS_NAME_MAP = "param_name_map.json"
-STRATEGY_FILE = "strategy.yaml"
-_RANK_DIR = re.compile(r"^rank_(\d+)$")
-_HF_SHARD = re.compile(r"^model-\d{5}-of-\d{5}.*\.safetensors$")
 
 
 def rank_dirs(root: str | Path) -> dict[int, Path]:
@@ -37,7 +34,7 @@ def rank_dirs(root: str | Path) -> dict[int, Path]:
     out = {}
     if root.is_dir():
         for p in root.iterdir():
-            m = _RANK_DIR.match(p.name)
+            m = RANK_DIR.match(p.name)
             if m and p.is_dir():
                 out[int(m.group(1))] = p
     return dict(sorted(out.items()))
@@ -214,7 +211,7 @@ class RankFilesReader(SafetensorsReader):
             if not cands:
                 raise FormatError(f"{dirs[r]}: no .safetensors file for rank {r}")
             latest = max(cands, key=lambda p: (p.stat().st_mtime, p.name))
-            files[r] = f"rank_{r}/{latest.name}"
+            files[r] = f"{rank_dir_name(r)}/{latest.name}"
             reader.header(files[r])
         source = strategy_source(strategy, files.__getitem__,
                                  holds=lambda r, name: name in reader.header(files[r]).tensors)
@@ -282,7 +279,7 @@ class SafetensorsDirReader(SafetensorsReader):
     def open(cls, path, strategy=None, lazy=False, meta=None):
         files = sorted(p.name for p in path.glob("*.safetensors")
                        if not p.name.endswith(".partial"))
-        shards = [f for f in files if _HF_SHARD.match(f)]
+        shards = [f for f in files if HF_SHARD.match(f)]
         if shards:
             raise FormatError(f"{path}: sharded weights ({shards[0]} ...) without {HF_INDEX}: "
                               "an unfinished merge or an incomplete copy")
@@ -388,8 +385,7 @@ def open_source(path: str | Path, strategy: Strategy | None, comm, prefix: str |
     if strategy is None:
         raise UsageError(f"{path}: does not exist; a simulated dry run of a checkpoint that is "
                          "not here needs --src-strategy")
-    from ..planning.outputs import rank_file_name
-    name = prefix or "model"
+    name = prefix or DEFAULT_PREFIX
     source = strategy_source(strategy, lambda r: rank_file_name(name, r))
     return SafetensorsReader(path, "distributed", source, (),
                              f"simulated, {strategy.world_size} ranks", strategy=strategy)

@@ -35,17 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError, quote
+from ..formats.names import CHECKSUM_PREFIX, MANIFEST, STRATEGY_FILE, rank_dir_of
+from ..formats.safetensors import load_json
 from ..layout.box import Box
 from ..layout.strategy import MAX_WORLD, Strategy
-from .safetensors_io import load_json, safe_join
+from .fileio import safe_join
 
 FORMAT = "hpcckpt.manifest/2"
 FORMAT_V1 = "hpcckpt.manifest/1"
-MANIFEST = "manifest.json"
-CHECKSUM = "xxh3_64"
-_PREFIX = CHECKSUM + ":"
+_PREFIX = CHECKSUM_PREFIX
+CHECKSUM = _PREFIX.rstrip(":")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
-_RANK_FILE = re.compile(r"^rank_(\d+)/")
 REDUNDANCY = ("full", "dedup")
 
 
@@ -77,7 +77,7 @@ class Manifest:
     redundancy: str                 #: "full" (every rank's boxes) or "dedup" (each box once)
     tensors: tuple[ManifestTensor, ...]
     files: tuple[str, ...]          #: every rank file, including ones holding no tensor
-    strategy: str = "strategy.yaml"
+    strategy: str = STRATEGY_FILE
     prefix: str = ""
     file_sizes: tuple[int, ...] = ()    #: bytes of each of ``files``
     layout: Strategy | None = field(default=None, compare=False, repr=False)
@@ -87,8 +87,7 @@ class Manifest:
         fid = {f: i for i, f in enumerate(self.files)}
         lay = self.layout
         by_rank = lay is not None and lay.world_size == len(self.files) and all(
-            (m := _RANK_FILE.match(f)) is not None and int(m.group(1)) == i
-            for i, f in enumerate(self.files))
+            rank_dir_of(f) == i for i, f in enumerate(self.files))
         doc = {"format": FORMAT, "world_size": self.world_size, "redundancy": self.redundancy,
                "strategy": self.strategy}
         if lay is not None:
@@ -201,7 +200,7 @@ class ManifestIndex:
         for key in ("strategy", "prefix", "strategy_digest"):
             if key in doc and not isinstance(doc[key], str):
                 raise FormatError(f"{where}: {key!r} must be a string, got {quote(doc[key])}")
-        self.strategy: str = doc.get("strategy", "strategy.yaml")
+        self.strategy: str = doc.get("strategy", STRATEGY_FILE)
         self.prefix: str = doc.get("prefix", "")
         self.strategy_digest: str | None = doc.get("strategy_digest")
         tensors = doc.get("tensors")

@@ -24,8 +24,8 @@ import yaml
 
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
+from hpcckpt.formats.safetensors import build_header, read_header
 from hpcckpt.storage.manifest import read_manifest
-from hpcckpt.storage.safetensors_io import build_header, read_header
 from hpcckpt.units import format_bytes
 
 from helpers import (DTYPES, _kill_group, assert_bytes_equal, clean_env, find_mpiexec,

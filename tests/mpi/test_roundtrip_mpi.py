@@ -23,8 +23,8 @@ import xxhash
 
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
+from hpcckpt.formats.safetensors import build_header, read_header
 from hpcckpt.storage.manifest import read_manifest
-from hpcckpt.storage.safetensors_io import build_header, read_header
 
 from helpers import (DTYPES, assert_bytes_equal, barrier, box_slices, collective, make_tensors,
                      mine, rank_size)

@@ -14,7 +14,7 @@ import pytest
 from hpcckpt.errors import FormatError, StrategyError, quote
 from hpcckpt.layout.yaml_io import read_strategy_yaml
 from hpcckpt.storage.inputs import open_input
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 
 HEAD = "format: hpcckpt.strategy/1\n"
 

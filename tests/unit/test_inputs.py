@@ -12,8 +12,8 @@ import hpcckpt
 from hpcckpt.errors import FormatError
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.storage.inputs import open_input
+from hpcckpt.formats.safetensors import build_header
 from hpcckpt.storage.manifest import read_manifest
-from hpcckpt.storage.safetensors_io import build_header
 
 TENSORS = {"a.w": (8, 6), "b/w": (5,), "c": (3, 4)}
 STRATEGY = {"format": "hpcckpt.strategy/1", "mesh": {"tp": 2},

@@ -20,7 +20,7 @@ from hpcckpt.planning.assign import dedup_assignment
 from hpcckpt.planning.outputs import rank_files
 from hpcckpt.storage.inputs import open_input
 from hpcckpt.storage.manifest import read_manifest
-from hpcckpt.storage.safetensors_io import build_header
+from hpcckpt.formats.safetensors import build_header
 
 OPTS = CopyOptions(fsync=False, progress=False)
 STRATEGY = {"format": "hpcckpt.strategy/1", "mesh": {"dp": 2, "tp": 2},
@@ -73,7 +73,7 @@ def test_expanded_equals_every_stored_entry(ckpts):
     checksums (what format 1 listed one by one)."""
     import xxhash
 
-    from hpcckpt.storage.safetensors_io import read_header
+    from hpcckpt.formats.safetensors import read_header
     for kind in ("full", "dedup"):
         dist = ckpts[kind]
         got = read_manifest(dist).expanded()

@@ -147,7 +147,7 @@ def test_read_region_past_the_chunk_is_refused(tmp_path):
 
 def test_safetensors_reader_reads_regions(tmp_path):
     """The file-backed reader: any offset, many views, bytes as stored."""
-    from hpcckpt.storage.safetensors_io import build_header
+    from hpcckpt.formats.safetensors import build_header
     a = np.arange(24, dtype=np.int32).reshape(4, 6)
     head, _ = build_header([("x", "I32", a.shape)])
     (tmp_path / "m.safetensors").write_bytes(head + a.tobytes())
