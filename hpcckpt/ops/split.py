@@ -20,7 +20,7 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
     """
     comm: Comm = as_comm(comm)
     with comm.step("plan"):
-        inp = open_input(complete)
+        inp = open_input(complete, comm=comm)
         check_tensors_match(inp.source, strategy, str(complete), "the strategy")
         files = rank_files(strategy, prefix, dedup_assignment(strategy) if dedup else None)
         pieces = divide_writes(files, comm.size)

@@ -25,7 +25,7 @@ from ..planning.sources import (SourceChunk, SourceIndex, check_tensor_chunks, g
                                 strategy_source)
 from .fileio import FileHandles, preadv_into, safe_join
 from .manifest import ManifestIndex, read_manifest, strategy_digest
-from .reader import CheckpointReader, MetaFiles, check_region
+from .reader import CheckpointReader, MetaFiles, check_region, shared_metadata
 
 
 def rank_dirs(root: str | Path) -> dict[int, Path]:
@@ -303,14 +303,17 @@ def register_reader(cls: type[CheckpointReader], before: type[CheckpointReader] 
 
 
 def open_input(path: str | Path | CheckpointReader, strategy: Strategy | None = None,
-               lazy: bool = False, meta: MetaFiles | None = None) -> CheckpointReader:
+               lazy: bool = False, meta: MetaFiles | None = None,
+               comm=None) -> CheckpointReader:
     """The reader for ``path`` (a reader given is returned as it is).
 
     Complete inputs read every header (there are few files); distributed inputs with a
     manifest read none (the manifest says everything). ``lazy``: a manifest's tensors
     are decoded and checked when planning first asks for them (for callers that touch
     only their own tensors, before anything is written). ``meta``: where metadata files
-    come from (default: this process's filesystem).
+    come from (default: this process's filesystem). ``comm``: a job whose ranks all open
+    the same ``path`` (collective): rank 0 reads its metadata files (manifest, strategy,
+    index, name map) once and broadcasts their bytes.
 
     Example:
         >>> with open_input("dist/") as src:          # doctest: +SKIP
@@ -320,6 +323,18 @@ def open_input(path: str | Path | CheckpointReader, strategy: Strategy | None = 
     if isinstance(path, CheckpointReader):
         return path
     path = Path(path)
+    if meta is None and comm is not None and getattr(comm, "mpi", None) is not None \
+            and comm.size > 1:
+        names = None
+        if comm.rank == 0:   # rank 0 recognises; an error here is every rank's below
+            try:
+                cls = next((c for c in READERS if path.exists() and c.recognise(path)), None)
+                names = cls.metadata_names(path) if cls is not None else ()
+            except Exception:  # noqa: BLE001 - never skip the broadcast the others wait in
+                names = ()
+        names = comm.bcast(names)
+        if names:
+            meta = shared_metadata(comm, path, names)
     if not path.exists():
         raise CheckpointIOError(f"{path}: no such file or directory")
     for cls in READERS:
@@ -375,13 +390,14 @@ def _complete(cls: type[SafetensorsReader], root: Path, files: list[str], desc: 
 
 
 def open_source(path: str | Path, strategy: Strategy | None, comm, prefix: str | None = None,
-                lazy: bool = False) -> CheckpointReader:
+                lazy: bool = False, shared: bool = True) -> CheckpointReader:
     """``open_input``, except that a dry run simulating a job (``comm.simulated``) may
     plan a checkpoint that is not on this machine: when ``path`` does not exist it is
     taken to be what ``hpcckpt split`` writes for ``strategy`` (full, one file per rank),
-    and no file is opened."""
+    and no file is opened. ``shared``: every rank opens the same ``path``, so its
+    metadata is read once and broadcast (not for node-local paths)."""
     if not getattr(comm, "simulated", False) or Path(path).exists():
-        return open_input(path, strategy, lazy=lazy)
+        return open_input(path, strategy, lazy=lazy, comm=comm if shared else None)
     if strategy is None:
         raise UsageError(f"{path}: does not exist; a simulated dry run of a checkpoint that is "
                          "not here needs --src-strategy")

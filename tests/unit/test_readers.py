@@ -160,9 +160,12 @@ def test_safetensors_reader_reads_regions(tmp_path):
     assert bytes(v1 + v2) == a.tobytes()[30:46]
 
 
-def test_meta_files_counts_what_it_opens(tmp_path):
-    meta = MetaFiles()
+def test_meta_files_serve_given_bytes_and_count_what_they_open(tmp_path):
+    from hpcckpt.storage import reader
+    n = len(reader.OPENED)
     (tmp_path / "x.json").write_text(json.dumps({"a": 1}))
+    meta = MetaFiles({str(tmp_path / "given.json"): b"[1]", str(tmp_path / "gone"): None})
     assert meta.read(tmp_path / "x.json") == b'{"a": 1}'
     assert meta.read(tmp_path / "missing.json") is None
-    assert meta.opened == [str(tmp_path / "x.json")]
+    assert meta.read(tmp_path / "given.json") == b"[1]" and meta.read(tmp_path / "gone") is None
+    assert reader.OPENED[n:] == [str(tmp_path / "x.json")]
