@@ -501,14 +501,17 @@ def test_inspect_human_and_json(data, tmp_path):
     # a rank file gone: inspect reports the problem
     broken = copy_dist(data["dist8"], tmp_path / "broken")
     (broken / "rank_5" / "model_rank_5.safetensors").unlink()
-    info = json.loads(ok(cli(["inspect", broken, "--json"])).stdout)
+    p = cli(["inspect", broken, "--json"])
+    assert p.returncode == 1, p.stderr   # not complete: the report says why, the status too
+    info = json.loads(p.stdout)
     assert info["complete"] is False
     assert info["problems"] == ["missing file rank_5/model_rank_5.safetensors"]
 
     # a distributed checkpoint whose manifest never got written
     partial = copy_dist(data["dist8"], tmp_path / "unfinished")
     (partial / "manifest.json").unlink()
-    p = ok(cli(["inspect", partial, "--json"]))
+    p = cli(["inspect", partial, "--json"])
+    assert p.returncode == 1, p.stderr
     info = json.loads(p.stdout)
     assert info == {"kind": "distributed", "path": str(partial), "complete": False,
                     "problem": "no manifest.json: the write did not finish"}
