@@ -5,6 +5,26 @@ the rank and, for byte-level problems, the byte range.
 """
 from __future__ import annotations
 
+import reprlib
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict = 2, 6, 6, 4
+_QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 60, 60, 40
+
+
+def quote(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters.
+
+    Messages quote what a user wrote; a YAML alias bomb or a deeply nested JSON value
+    must not be expanded in full (a plain ``repr`` of one ran out of memory), so nesting,
+    long lists and long strings are cut with ``...``.
+    """
+    try:
+        text = _QUOTE.repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
 
 class HpcckptError(Exception):
     """Base class: a known failure that the CLI prints as one line (no traceback)."""

@@ -33,6 +33,9 @@ def run(args, comm):
         info = describe_path(args.path, strategy, args.tensors) if comm.rank == 0 else None
     if comm.rank == 0:
         print(json.dumps(info) if args.json else render(info))
+    # exit status 1 on every rank when the checkpoint is not complete (its report says why)
+    if comm.bcast(comm.rank == 0 and info.get("complete") is False):
+        raise SystemExit(1)
     return None
 
 

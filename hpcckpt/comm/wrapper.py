@@ -33,6 +33,20 @@ class Comm:
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return obj if self.mpi is None else self.mpi.bcast(obj, root=root)
 
+    def bcast_bytes(self, data: bytes | bytearray | None, root: int = 0,
+                    chunk: int = 1 << 30) -> bytes | bytearray:
+        """``root``'s bytes on every rank, as raw buffers (``Bcast`` of uint8 views in
+        pieces of at most ``chunk`` bytes: MPI counts are 32-bit), not a pickle."""
+        if self.mpi is None:
+            return data
+        from mpi4py import MPI
+        n = self.mpi.bcast(len(data) if self.rank == root else None, root=root)
+        buf = bytearray(data) if self.rank == root else bytearray(n)
+        view = memoryview(buf)
+        for off in range(0, n, chunk):
+            self.mpi.Bcast([view[off:off + chunk], MPI.BYTE], root=root)
+        return buf
+
     def allgather(self, obj: Any) -> list:
         return [obj] if self.mpi is None else self.mpi.allgather(obj)
 

@@ -25,6 +25,7 @@ import yaml
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.storage.manifest import read_manifest
 from hpcckpt.units import format_bytes
 
 from helpers import (DTYPES, _kill_group, assert_bytes_equal, clean_env, find_mpiexec,
@@ -500,14 +501,17 @@ def test_inspect_human_and_json(data, tmp_path):
     # a rank file gone: inspect reports the problem
     broken = copy_dist(data["dist8"], tmp_path / "broken")
     (broken / "rank_5" / "model_rank_5.safetensors").unlink()
-    info = json.loads(ok(cli(["inspect", broken, "--json"])).stdout)
+    p = cli(["inspect", broken, "--json"])
+    assert p.returncode == 1, p.stderr   # not complete: the report says why, the status too
+    info = json.loads(p.stdout)
     assert info["complete"] is False
     assert info["problems"] == ["missing file rank_5/model_rank_5.safetensors"]
 
     # a distributed checkpoint whose manifest never got written
     partial = copy_dist(data["dist8"], tmp_path / "unfinished")
     (partial / "manifest.json").unlink()
-    p = ok(cli(["inspect", partial, "--json"]))
+    p = cli(["inspect", partial, "--json"])
+    assert p.returncode == 1, p.stderr
     info = json.loads(p.stdout)
     assert info == {"kind": "distributed", "path": str(partial), "complete": False,
                     "problem": "no manifest.json: the write did not finish"}
@@ -699,7 +703,7 @@ def test_reshard_names_a_bad_manifest_chunk_before_writing(data, tmp_path):
     """Reshard decodes the manifest lazily, tensor by tensor: the rank whose file needs
     the damaged tensor names it in the plan step, before any output exists."""
     dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
-    doc = json.loads((dist / "manifest.json").read_text())
+    doc = read_manifest(dist).expanded()
     doc["tensors"]["t1"]["chunks"][0]["offsets"] = [8]
     (dist / "manifest.json").write_text(json.dumps(doc))
     rotated = write_yaml(tmp_path / "rotated.yaml", ROTATED_TRIO_DOC)

@@ -28,6 +28,7 @@ import xxhash
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.storage.manifest import read_manifest
 
 from helpers import (DTYPES, allgather, assert_bytes_equal, barrier, box_slices, collective,
                      make_tensors, mine, rank_size)
@@ -480,7 +481,7 @@ def check_dist_files(comm, root_of, s: hpcckpt.Strategy, dedup: bool, prefix: st
 
 def check_manifest_chunks(comm, ckpt: Path, s: hpcckpt.Strategy, dedup: bool) -> dict:
     """Checksums recomputed from the stored bytes; dedup stores each distinct box once."""
-    doc = json.loads((ckpt / "manifest.json").read_text())
+    doc = read_manifest(ckpt).expanded()
 
     def check():
         assert doc["world_size"] == s.world_size
@@ -534,7 +535,7 @@ def test_reshard_node_local(comm, shared_tmp, monkeypatch, src_name, src_dedup, 
     src = shared_tmp / "src"
     hpcckpt.split(str(complete), str(src), a, dedup=src_dedup, prefix="net", comm=comm,
                   options=OPTS)
-    src_manifest = json.loads((src / "manifest.json").read_text())
+    src_manifest = read_manifest(src).expanded()
     distribute(comm, src, shared_tmp)
     barrier(comm)
     if rank == 0:
@@ -743,7 +744,7 @@ def test_node_local_missing_rank_dir_fails_everywhere(comm, shared_tmp):
     complete = write_complete(comm, shared_tmp / "model.safetensors")
     src = shared_tmp / "src"
     hpcckpt.split(str(complete), str(src), a, dedup=True, prefix="net", comm=comm, options=OPTS)
-    doc = json.loads((src / "manifest.json").read_text())
+    doc = read_manifest(src).expanded()
     distribute(comm, src, shared_tmp)
     barrier(comm)
     if rank == 2 % size:
