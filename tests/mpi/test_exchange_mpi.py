@@ -26,6 +26,7 @@ import pytest
 import xxhash
 
 import hpcckpt
+from hpcckpt.errors import format_failures
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.storage.safetensors_io import build_header, read_header
 
@@ -654,10 +655,7 @@ def expect_error(comm, exc_info, failures: dict[int, str], step: str = "plan") -
             assert comm is not None, "one process reports its own error, not a RankFailure"
             assert e.step == step, e.step
             assert e.failures == failures, e.failures
-            first = min(failures)
-            more = len(failures) - 1
-            suffix = f" (and {more} more rank{'s' if more > 1 else ''})" if more else ""
-            assert str(e) == f"rank {first}: {failures[first]}{suffix}", str(e)
+            assert str(e) == format_failures(failures), str(e)
         else:
             assert comm is None or same, f"only a RankFailure can report {failures}: got {e!r}"
             assert str(e) == next(iter(failures.values())), str(e)
@@ -775,9 +773,7 @@ def test_node_local_missing_rank_dir_fails_everywhere(comm, shared_tmp):
             assert (got.group(1), got.group(2)) in only_there, (r, m, only_there)
         if comm is not None:
             assert e.step == "plan routes", e.step
-            first, more = min(failures), len(failures) - 1
-            suffix = f" (and {more} more rank{'s' if more > 1 else ''})" if more else ""
-            assert str(e) == f"rank {first}: {failures[first]}{suffix}", str(e)
+            assert str(e) == format_failures(failures), str(e)
     collective(comm, check)
 
     def nothing_committed():
