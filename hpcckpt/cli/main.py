@@ -131,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             chosen_parser(parser, args).error(str(e))
     else:
         from ..comm.wrapper import world_comm
-        comm = world_comm()
+        try:
+            comm = world_comm()
+        except HpcckptError as e:  # no MPI to ask who we are: every process says it
+            print(f"{name}: error: {e}", file=sys.stderr)
+            if as_json:
+                print(json.dumps({"error": str(e), "ranks": [_launch_env(_RANK_VARS, 0)]}))
+            return 1
     comm.debug = args.debug
     try:
         if simulate is None:
