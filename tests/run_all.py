@@ -230,7 +230,8 @@ def failure_report(output: str) -> str:
     m = _REPORT_RE.search(output)
     lines = output[m.start():].splitlines() if m else output.splitlines()[-TAIL_LINES:]
     if len(lines) > FAILURE_LINES:
-        lines = lines[:FAILURE_LINES] + [f"... ({len(lines) - FAILURE_LINES} more lines in the log)"]
+        more = len(lines) - FAILURE_LINES
+        lines = lines[:FAILURE_LINES] + [f"... ({more} more lines in the log)"]
     return "\n".join(lines)
 
 

@@ -45,8 +45,9 @@ def size_type(minimum: int = 0, why: str = "") -> Callable[[str], int]:
         except UsageError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         if n < minimum:
+            reason = f" ({why})" if why else ""
             raise argparse.ArgumentTypeError(
-                f"{text} is below the floor of {format_bytes(minimum)}" + (f" ({why})" if why else ""))
+                f"{text} is below the floor of {format_bytes(minimum)}{reason}")
         return n
     return size
 

@@ -101,6 +101,7 @@ def test_make_shell_puts_hpcckpt_and_mpiexec_on_path():
         pytest.skip("the venv is older than pyproject.toml: `make venv` would reinstall it")
     env = clean_env({"SHELL": "/bin/sh", "PATH": "/usr/bin:/bin"})
     p = subprocess.run([make, "-s", f"VENV={venv}", "shell"], cwd=REPO, env=env, text=True,
-                       input="command -v hpcckpt mpiexec\n", capture_output=True, timeout=60)
+                       input="command -v hpcckpt; command -v mpiexec\n", capture_output=True,
+                       timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [str(venv / "bin" / "hpcckpt"), str(venv / "bin" / "mpiexec")]

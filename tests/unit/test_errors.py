@@ -28,4 +28,5 @@ def test_many_distinct_messages_are_counted():
         "rank 0: rank_0/x.safetensors: truncated; rank 1: rank_1/x.safetensors: truncated; "
         "rank 2: rank_2/x.safetensors: truncated; ranks 3-5 failed with 3 other message(s) "
         "(--debug prints every rank's)")
-    assert RankFailure("plan", f).details().splitlines()[5] == "rank 5: rank_5/x.safetensors: truncated"
+    details = RankFailure("plan", f).details().splitlines()
+    assert details[5] == "rank 5: rank_5/x.safetensors: truncated"

@@ -68,7 +68,8 @@ def test_a_skipped_stage_and_a_missing_launcher(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(run_all, "GROUPS", {"fake": stages})
     assert run_all.main([]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split()[:2] == ["slurm", "skipped"] and out[1].endswith("(skipped: no sbatch here)")
+    assert out[1].split()[:2] == ["slurm", "skipped"]
+    assert out[1].endswith("(skipped: no sbatch here)")
     assert out[2].split()[:6] == ["mpi-n=2", "FAILED", "0", "passed", "1", "failed"]
     assert out[-1] == "0 passed, 1 failed, 0 skipped"
 
