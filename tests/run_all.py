@@ -4,6 +4,9 @@
 Stages (groups, run in this order; ``--only GROUP`` picks one):
   serial     python -m pytest tests -m "not mpi"
   mpi        mpiexec -n N python -m pytest tests -m mpi --with-mpi -x   (N in 1 2 3 4 8)
+  slurm      python -m pytest tests/slurm  (HPCCKPT_SLURM_TESTS=1): starts its own SLURM
+             (installing the Debian packages when missing, as root); skipped, with the
+             reason, only where that is impossible
 
 Each stage prints one line: ``mpi-n=3     ok      58 passed   0 failed   2 skipped   21.4 s``.
 Its full output goes to a log file; when a stage fails, its failure report (pytest's
@@ -20,11 +23,11 @@ CI reads the leading ``N passed, N failed``); the exit status is non-zero if any
 failed.
 
 Adding a stage group: write ``def my_stages(args, env) -> list[Stage]`` and add it to
-``GROUPS`` (e.g. a SLURM stage that runs only where ``sbatch`` exists, and otherwise
-returns one ``Stage`` with ``skip="no sbatch"``).
+``GROUPS`` (see ``slurm_stages``); a ``Stage`` with ``skip="reason"`` is reported as
+skipped instead of run.
 
 Options:
-  --only GROUP         run only that group of stages (serial, mpi, ...)
+  --only GROUP         run only that group of stages (serial, mpi, slurm)
   --sizes 1,2,3        MPI world sizes to run (default 1,2,3,4,8)
   -k EXPR              passed through to pytest
   -v, --verbose        stream each stage's output
@@ -33,6 +36,7 @@ Options:
 Environment:
   HPCCKPT_TEST_STAGE_TIMEOUT    seconds per MPI stage (default 600)
   HPCCKPT_TEST_SERIAL_TIMEOUT   seconds for the serial stage (default 1800)
+  HPCCKPT_TEST_SLURM_TIMEOUT    seconds for the SLURM stage (default 900)
   HPCCKPT_TEST_LOG_DIR          where stage logs go (default: a new directory under /tmp)
 """
 
@@ -97,6 +101,8 @@ class Stage:
     env: dict[str, str]
     timeout: float
     skip: str | None = None
+    #: removed after the stage ran (e.g. its own pytest --basetemp)
+    scratch: Path | None = None
 
 
 @dataclass
@@ -263,10 +269,21 @@ def mpi_stages(args, env: dict[str, str]) -> list[Stage]:
     return stages
 
 
+def slurm_stages(args, env: dict[str, str]) -> list[Stage]:
+    """tests/slurm on a real slurmctld + slurmd, in its own pytest temporary directory
+    (pytest's shared one is pruned by other sessions)."""
+    base = Path(tempfile.mkdtemp(prefix="hpcckpt-slurm-stage-"))
+    cmd = [sys.executable, "-m", "pytest", "tests/slurm", "-q", "-ra", "-p", "no:cacheprovider",
+           f"--basetemp={base}", *args.extra]
+    timeout = float(os.environ.get("HPCCKPT_TEST_SLURM_TIMEOUT", "900"))
+    return [Stage("slurm", cmd, {**env, "HPCCKPT_SLURM_TESTS": "1"}, timeout, scratch=base)]
+
+
 #: stage groups in the order they run; a new group is one function and one entry
 GROUPS: dict[str, Callable[..., list[Stage]]] = {
     "serial": serial_stages,
     "mpi": mpi_stages,
+    "slurm": slurm_stages,
 }
 
 
@@ -305,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose and sys.stdout.isatty():  # shows what runs; the result overwrites it
             print(f"{stage.name:<10} running", end="\r", flush=True)
         res = run_stage(stage, log_dir, args.verbose)
+        if stage.scratch is not None:
+            shutil.rmtree(stage.scratch, ignore_errors=True)
         results.append(res)
         print(res.line(), flush=True)
         if res.report:

@@ -21,7 +21,7 @@ import json
 import sys
 from typing import Callable
 
-from ..comm.exchange import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
+from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
 from ..errors import UsageError
 from ..ops.filecopy import DEFAULT_BUFFER, CopyOptions
 from ..ops.result import OpResult

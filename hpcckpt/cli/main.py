@@ -19,6 +19,7 @@ import traceback
 from .. import __version__
 from ..errors import HpcckptError, RankFailure
 from . import inspect as inspect_cmd
+from . import jobs as jobs_cmd
 from . import load as load_cmd
 from . import merge as merge_cmd
 from . import reshard as reshard_cmd
@@ -26,7 +27,7 @@ from . import split as split_cmd
 from . import strategy as strategy_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd)
+COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd, jobs_cmd)
 
 #: 128 + SIGPIPE: what a shell reports for a tool whose reader went away (`| head`)
 EXIT_BROKEN_PIPE = 141
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             comm = SimulatedComm(args.simulate_rank, simulate)
         except HpcckptError as e:
             chosen_parser(parser, args).error(str(e))
+    elif not getattr(args, "needs_mpi", True):  # e.g. `jobs render` on a login node: no MPI
+        from ..comm.wrapper import Comm
+        comm = Comm(None)
     else:
         from ..comm.wrapper import world_comm
         try:
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     comm.debug = args.debug
     try:
-        if simulate is None:
+        if simulate is None and getattr(args, "needs_mpi", True):
             from ..launch import check_launch
             with comm.step("launch check"):
                 check_launch(comm.size)
