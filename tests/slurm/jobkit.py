@@ -15,7 +15,7 @@ import yaml
 import hpcckpt
 from hpcckpt.jobs import JobOptions, render
 from hpcckpt.ops.filecopy import CopyOptions
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 
 from helpers import DTYPES, assert_bytes_equal, make_tensors
 
