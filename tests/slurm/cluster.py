@@ -32,8 +32,13 @@ class Unavailable(Exception):
 
 
 def _missing_packages() -> list[str]:
-    return [p for p in PACKAGES
-            if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    """Packages not installed (`dpkg -s` also succeeds for removed ones that left their
+    configuration files behind)."""
+    def installed(p: str) -> bool:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
+                           text=True)
+        return r.returncode == 0 and r.stdout.strip() == "install ok installed"
+    return [p for p in PACKAGES if not installed(p)]
 
 
 def ensure_installed(log) -> None:
