@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import hpcckpt
-from conftest import start_cluster
+from cluster import start_cluster
 from jobkit import (assert_nothing_complete, check_merged, copy_tree, ok, preempt_training,
                     reference_reshard, reference_split, run_job, same_tree, write_model)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_cluster
+from cluster import start_cluster
 from jobkit import (FULL, check_merged, copy_tree, has_verb, preempt_training,
                     ok, reference_reshard, reference_split, run_job, same_tree, verb_help,
                     write_model)
