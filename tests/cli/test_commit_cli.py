@@ -24,7 +24,7 @@ import yaml
 from helpers import _kill_group, clean_env, find_mpiexec
 from hpcckpt.ops.commit import DELAY_ENV
 from hpcckpt.storage.lock import LOCK_NAME
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 from test_cli import (ROTATED_TRIO_DOC, check_complete, cli, copy_dist, data,  # noqa: F401
                       has_error, ok, write_yaml)
 
