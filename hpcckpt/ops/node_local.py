@@ -28,7 +28,7 @@ from ..storage.fileio import pwrite_all, start_writeback
 from ..storage.inputs import open_source, rank_dirs
 from .common import build_manifest, check_tensors_match
 # the write protocol's legacy copy, until node-local writes through ops.commit
-from .filecopy import (CopyOptions, _create, _fsync, _hash_entry, _open_rw,
+from .filecopy import (CopyOptions, create_partial, fsync_fd, hash_entry, open_rw,
                        prepare_output_dir, remove_files, rename_partials)
 from .result import OpResult
 from .route_exec import BoxAssembler, InOrderHashes, execute_routes, region_reader
@@ -52,7 +52,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     per_rank_out = my_out != out or comm.size == 1
     simulated = getattr(comm, "simulated", False)
     with comm.step("plan"):
-        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True)
+        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True, shared=False)
         if inp.kind != "distributed" or (inp.manifest is None and not simulated):
             raise UsageError(f"{my_in}: --node-local needs a distributed checkpoint with its "
                              f"{MANIFEST} on every node")
@@ -95,14 +95,14 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     prepare_output_dir(comm, my_out, options.overwrite, (MANIFEST,), inputs=(my_in,),
                        mine=per_rank_out or comm.rank == 0)
     created: list[str] = []
-    reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
+    reader = ChunkReader(inp, scratch_bytes=options.buffer_size)
     fds: dict[int, int] = {}
     try:
         with comm.step("create files"):
             targets: dict[tuple[str, Box], list[tuple[int, str, int]]] = {}
             for i, f in my_files:
-                created.append(_create(os.path.join(my_out, f.path), f))
-                fds[i] = _open_rw(created[-1])
+                created.append(create_partial(os.path.join(my_out, f.path), f))
+                fds[i] = open_rw(created[-1])
                 for e in f.entries:
                     targets.setdefault((e.name, e.box), []).append((fds[i], created[-1], e.begin))
         local_dir_set = set(local_dirs)
@@ -157,10 +157,10 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
             for i, f in my_files:
                 path = os.path.join(my_out, partial_name(f.path))
                 if options.fsync:
-                    _fsync(fds[i], path)
+                    fsync_fd(fds[i], path)
                 for ei, e in enumerate(f.entries):
                     sums[(i, ei)] = (hashing.digest((e.name, e.box), e.nbytes)
-                                     or _hash_entry(path, e, options.buffer_size))
+                                     or hash_entry(path, e, options.buffer_size))
         gathered = comm.gather(sums)
         with comm.step("rename"):
             rename_partials(created, options.fsync)
