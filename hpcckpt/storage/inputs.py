@@ -8,9 +8,7 @@ and how to add another kind, is in ``storage/reader.py``.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError, UsageError, quote

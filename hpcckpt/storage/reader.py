@@ -56,7 +56,8 @@ from typing import ClassVar
 from ..errors import CheckpointIOError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..planning.sources import SourceIndex, TensorInfo
+from ..layout.tensor import TensorInfo
+from ..planning.sources import SourceIndex
 
 
 #: every metadata file this process read from disk, in order (the tests count them)
