@@ -6,7 +6,7 @@ import json
 
 from ..layout.loader import load_strategy
 from ..units import format_bytes
-from .common import examples
+from .common import add_output_options, examples
 
 HELP = "describe a checkpoint (any kind) or a strategy"
 EXAMPLES = examples("""
@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("path")
     p.add_argument("--strategy", help="strategy for a distributed checkpoint without manifest")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
-    p.add_argument("--json", action="store_true")
+    add_output_options(p, reads_only=True)
     p.set_defaults(run=run)
 
 
