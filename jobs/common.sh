@@ -97,6 +97,11 @@ hpcckpt_train() {
   done
   trap - USR1
   last=$(hpcckpt_last_step "$CHECKPOINT_DIR")
+  if [ "$rc" -eq 0 ] && [ ! -e "$CHECKPOINT_DIR/rank_0/meta.json" ]; then
+    # requeueing a run that never committed would repeat it MAX_REQUEUES times
+    echo "hpcckpt job $HPCCKPT_JOB_TAG: the training exited 0 but $CHECKPOINT_DIR/rank_0/meta.json does not exist: is CHECKPOINT_DIR the save manager's directory? Not requeueing" >&2
+    exit 1
+  fi
   if [ "$rc" -ne 0 ]; then
     echo "hpcckpt job $HPCCKPT_JOB_TAG: training FAILED (exit $rc); latest committed step $last" >&2
     exit "$rc"
