@@ -12,6 +12,7 @@ import traceback
 
 from .. import __version__
 from ..errors import HpcckptError, RankFailure
+from . import convert as convert_cmd
 from . import inspect as inspect_cmd
 from . import load as load_cmd
 from . import merge as merge_cmd
@@ -20,7 +21,8 @@ from . import split as split_cmd
 from . import strategy as strategy_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd)
+COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd,
+            convert_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,6 +92,8 @@ def open_input(path: str | Path, strategy: Strategy | None = None,
             name_map = json.loads((path / MS_NAME_MAP).read_text())
         except json.JSONDecodeError as e:
             raise FormatError(f"{path / MS_NAME_MAP}: not valid JSON: {e}") from None
+        from .ms_dist import ms_weight_map
+        name_map = ms_weight_map(name_map, str(path / MS_NAME_MAP))
         files = list(dict.fromkeys(name_map.values()))
         for f in files:
             safe_join(path, f, str(path / MS_NAME_MAP))
