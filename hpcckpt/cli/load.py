@@ -32,8 +32,9 @@ def register(sub) -> None:
 def run(args, comm):
     from ..ops.load import load_job  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
-        strategy = load_strategy(args.strategy)
-        src = load_strategy(args.src_strategy) if args.src_strategy else None
+        # a MindSpore strategy takes its tensor shapes from the checkpoint
+        strategy = load_strategy(args.strategy, shapes_from=args.path)
+        src = load_strategy(args.src_strategy, shapes_from=args.path) if args.src_strategy else None
     return load_job(args.path, strategy, comm, against=args.against, src_strategy=src,
                     dry_run=args.dry_run, buffer_size=args.buffer_size,
                     budget=args.exchange_budget, max_message=args.max_message)

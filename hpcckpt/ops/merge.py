@@ -29,7 +29,9 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
     if layout not in ("hf", "ms"):
         raise UsageError(f"--layout must be hf or ms, not {layout!r}")
     with comm.step("plan"):
-        inp = open_input(dist, strategy)
+        inp = open_input(dist, strategy, file_suffix=file_suffix or None)
+        if inp.manifest is None and inp.kind == "distributed":
+            file_suffix = ""   # it chose the MindSpore-written step; output names stay plain
         tensors = [t for t in inp.source.tensors.values()
                    if not any(t.name.startswith(p) for p in exclude_prefixes)]
         if not tensors:

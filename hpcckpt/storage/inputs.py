@@ -56,11 +56,12 @@ def is_distributed(path: str | Path) -> bool:
 
 
 def open_input(path: str | Path, strategy: Strategy | None = None,
-               lazy: bool = False) -> InputCheckpoint:
+               lazy: bool = False, file_suffix: str | None = None) -> InputCheckpoint:
     """Recognise ``path``. Complete inputs read every header (there are few files);
     distributed inputs with a manifest read none (the manifest says everything).
     ``lazy``: a manifest's tensors are decoded and checked when planning first asks for
-    them (for callers that touch only their own tensors, before anything is written)."""
+    them (for callers that touch only their own tensors, before anything is written).
+    ``file_suffix``: which step of a MindSpore-written checkpoint (no manifest) to read."""
     path = Path(path)
     if not path.exists():
         raise CheckpointIOError(f"{path}: no such file or directory")
@@ -74,7 +75,7 @@ def open_input(path: str | Path, strategy: Strategy | None = None,
         if strategy is None:
             raise FormatError(f"{path}: distributed checkpoint has no {MANIFEST} (an unfinished "
                               "write, or written by another tool); pass --strategy to read it")
-        return _distributed_from_strategy(path, strategy)
+        return _distributed_from_strategy(path, strategy, file_suffix)
     if (path / HF_INDEX).exists():
         idx_path = path / HF_INDEX
         try:
@@ -163,22 +164,14 @@ def _distributed_from_manifest(root: Path, strategy: Strategy | None,
                            f"distributed, {m.world_size} ranks, redundancy {m.redundancy}")
 
 
-def _distributed_from_strategy(root: Path, strategy: Strategy) -> InputCheckpoint:
-    """No manifest (e.g. MindSpore output): rank r's only/latest file holds its boxes;
-    headers say which tensors each file really stores (de-duplicated saves)."""
-    dirs = rank_dirs(root)
-    files: dict[int, str] = {}
-    headers: dict[int, SafetensorsHeader] = {}
-    for r in range(strategy.world_size):
-        if r not in dirs:
-            raise FormatError(f"{root}: rank_{r}/ is missing (strategy has "
-                              f"{strategy.world_size} ranks)")
-        cands = sorted(p for p in dirs[r].glob("*.safetensors"))
-        if not cands:
-            raise FormatError(f"{dirs[r]}: no .safetensors file for rank {r}")
-        latest = max(cands, key=lambda p: (p.stat().st_mtime, p.name))
-        files[r] = f"rank_{r}/{latest.name}"
-        headers[r] = read_header(latest)
+def _distributed_from_strategy(root: Path, strategy: Strategy,
+                               file_suffix: str | None = None) -> InputCheckpoint:
+    """No manifest (e.g. MindSpore output): rank r's step file (chosen by MindSpore's
+    rules, see ``ms_dist.choose_file``) holds its boxes; headers say which tensors each
+    file really stores (de-duplicated saves)."""
+    from .ms_dist import rank_files
+    files = rank_files(root, strategy.world_size, file_suffix)
+    headers: dict[int, SafetensorsHeader] = {r: read_header(root / f) for r, f in files.items()}
     source = strategy_source(strategy, files.__getitem__,
                              holds=lambda r, name: name in headers[r].tensors)
     source.check_complete(str(root))

@@ -4,7 +4,7 @@ Run by hand, in a venv OUTSIDE the repo that has MindSpore 2.10 (CI never runs t
 it only reads the committed files):
 
     python3 -m venv /work/msvenv
-    /work/msvenv/bin/pip install mindspore==2.10.0 'numpy<2' h5py keras torch
+    /work/msvenv/bin/pip install mindspore==2.10.0 'numpy<2' h5py keras torch 'ml-dtypes==0.4.1'
     /work/msvenv/bin/python tests/golden/mindspore/make_golden.py
 
 Everything is rewritten in tests/golden/mindspore/ (a few KiB). What MindSpore made
@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("KERAS_BACKEND", "torch")   # before keras is imported
 HERE = Path(__file__).resolve().parent
 D = 4           # devices per stage: dev_matrix [2, 2] = (dp, mp)
 STAGES = 2
@@ -267,7 +268,6 @@ def write_h5():
     h5.mkdir()
     out = HERE / "h5_out"
     out.mkdir()
-    os.environ.setdefault("KERAS_BACKEND", "torch")
     import keras
     from keras.src.legacy.saving import legacy_h5_format
     keras.utils.set_random_seed(0)
