@@ -208,6 +208,10 @@ class MsStrategy:
             raise StrategyError(f"{self.source}: describes none of the checkpoint's tensors "
                                 f"(first layout: {self.names[0]!r})" if self.names else
                                 f"{self.source}: has no parameter layouts")
+        for n in names:
+            for st in self.stages:
+                if n in st:
+                    _check_layout(self.source, n, st[n], tuple(tensors[n][0]))
         D, S = self.device_num, len(self.stages)
         chain = {1, D}
         fits: dict[str, bool] = {}
@@ -233,8 +237,6 @@ class MsStrategy:
             shape = tuple(shape)
             present = [s for s, st in enumerate(self.stages) if n in st]
             lays = [self.stages[s][n] for s in present]
-            for lay in lays:
-                _check_layout(self.source, n, lay, shape)
             same = all(lay == lays[0] for lay in lays)
             stage = None if len(present) == S else present[0] if len(present) == 1 else -1
             grid = None
@@ -436,8 +438,14 @@ def _layout(path, name, dev, per_dim, step, size, fld, pss, ioff, shape) -> MsLa
     if shape is not None and (not isinstance(shape, list)
                               or not all(_is_int(s) and s >= 0 for s in shape)):
         raise StrategyError(f"{at}: tensor_shape must be a list of sizes, got {shape!r}")
-    return MsLayout(tuple(dev), tuple(tmap), step, size, fld, tuple(pss), tuple(ioff),
-                    None if shape is None else tuple(shape))
+    lay = MsLayout(tuple(dev), tuple(tmap), step, size, fld, tuple(pss), tuple(ioff),
+                   None if shape is None else tuple(shape))
+    try:
+        lay.opt_groups()
+    except ValueError as e:
+        raise StrategyError(f"{at}: optimizer sharding (opt_weight_shard_size {size}, step "
+                            f"{step}): {e}") from None
+    return lay
 
 
 def stage_files(directory: Path) -> list[Path]:
