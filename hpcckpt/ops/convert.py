@@ -8,14 +8,15 @@ metadata ``{"format": "ms"}`` (none when the file holds no tensor). HDF5 ``x.h5`
 ``x.hdf5`` becomes ``OUT/x.safetensors`` in the same order, metadata ``{"format": "tf"}``
 (Keras legacy, ``tf_model.h5``) or ``{"format": "keras"}`` (Keras 3).
 
-Protocol: plan (every rank lists the inputs; files are divided among ranks by size,
-largest first to the least loaded) -> each rank parses its files (CRC checked) and
-streams every tensor through one bounded buffer into ``<out>.partial`` -> rename when
-every rank has succeeded. A failure anywhere removes every partial file.
+Protocol: plan (every rank lists the inputs; each parses its share of the files, CRC
+checked, and the tensor lists are allgathered, so every output file is laid out up
+front on every rank) -> ``ops.commit.OutputCommit``: the output bytes are divided among
+the ranks (a large tensor may be shared), each tile read from its source through the
+bounded buffer (``.ckpt``: positioned reads of the value contents; HDF5: a hyperslab
+read by h5py), renamed when every rank has finished; any failure undoes the job.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,11 @@ from pathlib import Path
 from ..comm.wrapper import Comm, as_comm
 from ..dtypes import library_order
 from ..errors import FormatError
-from ..storage.atomic import partial_name
-from ..storage.legacy import LegacyTensor, hdf5_chunks, read_ckpt, read_hdf5
-from ..storage.safetensors_io import build_header, pread_into, pwrite_all
-from .filecopy import CopyOptions, _fsync, prepare_output_dir, remove_files, rename_partials
+from ..layout.box import Box
+from ..planning.outputs import OutputEntry, OutputFile, divide_writes, make_file
+from ..storage.legacy import LegacyTensor, read_ckpt, read_hdf5
+from ..storage.safetensors_io import FileHandles, pread_into
+from .commit import OutputCommit, WriteOptions
 from .result import OpResult
 
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -82,8 +84,18 @@ def divide_jobs(jobs: list[ConvertJob], world: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
-def convert(src: str, out: str, *, comm=None, options: CopyOptions = CopyOptions()) -> OpResult:
-    """Convert legacy checkpoint files to safetensors, dividing the files among ranks.
+def parse_job(job: ConvertJob) -> tuple[list[LegacyTensor], dict[str, str]]:
+    """A job's tensors in the order the output stores them, and the output metadata."""
+    if job.kind == "ckpt":
+        tensors, meta = read_ckpt(job.src), {"format": "ms"}
+    else:
+        tensors, layout = read_hdf5(job.src)
+        meta = {"format": "tf" if layout == "keras-legacy" else "keras"}
+    return sorted(tensors, key=lambda t: library_order(t.name, t.dtype)), meta
+
+
+def convert(src: str, out: str, *, comm=None, options: WriteOptions = WriteOptions()) -> OpResult:
+    """Convert legacy checkpoint files to safetensors, dividing the work among ranks.
 
     Args:
         src: a ``.ckpt``, ``.h5`` or ``.hdf5`` file, or a directory of ``rank*/`` ``.ckpt`` files.
@@ -102,100 +114,92 @@ def convert(src: str, out: str, *, comm=None, options: CopyOptions = CopyOptions
     with comm.step("plan"):
         jobs = plan_convert(src)
         mine = divide_jobs(jobs, comm.size)[comm.rank]
+        parsed = {i: parse_job(jobs[i]) for i in mine}
+    gathered: dict[int, tuple[list[LegacyTensor], dict]] = {}
+    for part in comm.allgather(parsed):
+        gathered.update(part)
+    files: list[OutputFile] = []
+    sources: dict[int, tuple[int, LegacyTensor]] = {}   # id(entry) -> (job, tensor)
+    for i, job in enumerate(jobs):
+        tensors, meta = gathered[i]
+        f = make_file(job.out, ((t.name, t.dtype, Box.full(t.shape), t.shape) for t in tensors),
+                      meta if tensors else None)
+        files.append(f)
+        for e, t in zip(f.entries, tensors):
+            sources[id(e)] = (i, t)
+    pieces = divide_writes(files, comm.size)
+    mine_bytes = sum(p.nbytes for p in pieces[comm.rank])
     if options.dry_run:
-        rows = comm.allgather({"rank": comm.rank, "files": len(mine),
-                               "bytes_read": sum(jobs[i].size for i in mine),
-                               "bytes_written": sum(jobs[i].size for i in mine)})
-        return OpResult.from_rows("convert", out, len(jobs), rows, time.perf_counter() - t0,
+        rows = comm.allgather({"rank": comm.rank, "bytes_read": mine_bytes,
+                               "bytes_written": mine_bytes})
+        return OpResult.from_rows("convert", out, len(files), rows, time.perf_counter() - t0,
                                   comm.size, dry_run=True)
-    prepare_output_dir(comm, out, options.overwrite, (), inputs=(str(src),))
-    created: list[str] = []
-    read = written = 0
+    reader = _LegacyReader(jobs, sources)
     try:
-        with comm.step("convert"):
-            buf = bytearray(max(1, options.buffer_size))
-            for i in mine:
-                r, w, path = _convert_one(jobs[i], out, buf, options.fsync)
-                created.append(path)
-                read += r
-                written += w
-        with comm.step("rename"):
-            rename_partials(created, options.fsync)
-    except BaseException:   # RankFailure, or a one-process run's own error
-        remove_files(created)
-        raise
-    rows = comm.allgather({"rank": comm.rank, "files": len(mine), "bytes_read": read,
-                           "bytes_written": written})
+        with OutputCommit(comm, out, files, options=options, op="hpcckpt convert",
+                          inputs=(str(src),), checksums=False) as job:
+            job.create(range(comm.rank, len(files), comm.size))
+            job.fill(pieces, reader.read)
+            job.commit(lambda sums: [])   # no index: the renames complete the output
+    finally:
+        reader.close()
+    rows = comm.allgather({"rank": comm.rank, "bytes_read": reader.bytes_read,
+                           "bytes_written": mine_bytes})
     seconds = comm.allreduce_max(time.perf_counter() - t0)
-    return OpResult.from_rows("convert", out, len(jobs), rows, seconds, comm.size,
+    return OpResult.from_rows("convert", out, len(files), rows, seconds, comm.size,
                               extra={"inputs": [j.src for j in jobs]})
 
 
-def _convert_one(job: ConvertJob, out: str, buf: bytearray, fsync: bool) -> tuple[int, int, str]:
-    """Write ``job``'s ``.partial`` file; returns (bytes read, bytes written, partial path)."""
-    h5 = None
-    if job.kind == "ckpt":
-        tensors = read_ckpt(job.src)
-        meta = {"format": "ms"}
-    else:
-        tensors, layout = read_hdf5(job.src)
-        meta = {"format": "tf" if layout == "keras-legacy" else "keras"}
-    tensors = sorted(tensors, key=lambda t: library_order(t.name, t.dtype))
-    head, spans = build_header(((t.name, t.dtype, t.shape) for t in tensors),
-                               meta if tensors else None)
-    final = os.path.join(out, job.out)
-    path = partial_name(final)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    read = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        pwrite_all(fd, memoryview(head), 0, path)
+class _LegacyReader:
+    """The ``ReadFn`` of a convert job: a tile's bytes from its ``.ckpt`` or HDF5 source."""
+
+    def __init__(self, jobs: list[ConvertJob], sources: dict[int, tuple[int, LegacyTensor]]):
+        self.jobs, self.sources = jobs, sources
+        self.handles = FileHandles()
+        self.h5: dict[int, object] = {}
+        self.bytes_read = 0
+
+    def read(self, e: OutputEntry, tile: Box, out: memoryview) -> None:
+        i, t = self.sources[id(e)]
+        job = self.jobs[i]
         if job.kind == "ckpt":
-            src_fd = os.open(job.src, os.O_RDONLY)
-            try:
-                for t in tensors:
-                    read += _copy_ranges(src_fd, job.src, t, fd, path, spans[t.name][0], buf)
-            finally:
-                os.close(src_fd)
+            strides, acc = [], 1
+            for size in reversed(t.shape):
+                strides.append(acc)
+                acc *= size
+            start = sum(o * s for o, s in zip(tile.offsets, reversed(strides))) * e.itemsize
+            self._ckpt(job.src, t, start, out)
         else:
+            self._hdf5(i, t, tile, out)
+        self.bytes_read += len(out)
+
+    def _ckpt(self, path: str, t: LegacyTensor, start: int, out: memoryview) -> None:
+        """Bytes ``[start, start + len(out))`` of the tensor, across its split values."""
+        fd = self.handles.get(path)
+        pos, done = 0, 0
+        for offset, length in t.pieces:
+            lo, hi = max(start + done, pos), min(start + len(out), pos + length)
+            if lo < hi:
+                pread_into(fd, out[done:done + hi - lo], offset + lo - pos, path)
+                done += hi - lo
+            pos += length
+            if done == len(out):
+                return
+        raise FormatError(f"{path}: tensor {t.name!r} ends before byte {start + len(out)}")
+
+    def _hdf5(self, i: int, t: LegacyTensor, tile: Box, out: memoryview) -> None:
+        import numpy as np
+
+        from ..dtypes import numpy_dtype
+        f = self.h5.get(i)
+        if f is None:
             import h5py
-            h5 = h5py.File(job.src, "r")
-            for t in tensors:
-                pos = spans[t.name][0]
-                for piece in hdf5_chunks(h5, t, len(buf)):
-                    pwrite_all(fd, piece, pos, path)
-                    pos += len(piece)
-                    read += len(piece)
-                if pos != spans[t.name][1]:
-                    raise FormatError(f"{job.src}: dataset {t.source} gave "
-                                      f"{pos - spans[t.name][0]} bytes, expected {t.nbytes}")
-        if fsync:
-            _fsync(fd, path)
-    except BaseException:
-        os.close(fd)
-        fd = -1
-        remove_files([path])
-        raise
-    finally:
-        if h5 is not None:
-            h5.close()
-        if fd >= 0:
-            os.close(fd)
-    size = len(head) + sum(t.nbytes for t in tensors)
-    return read, size, path
+            f = self.h5[i] = h5py.File(self.jobs[i].src, "r")
+        arr = np.frombuffer(out, numpy_dtype(t.dtype).newbyteorder("<")).reshape(tile.sizes)
+        sel = tuple(slice(o, o + n) for o, n in zip(tile.offsets, tile.sizes))
+        f[t.source].read_direct(arr, source_sel=sel if sel else None)
 
-
-def _copy_ranges(src_fd: int, src: str, t: LegacyTensor, fd: int, path: str, pos: int,
-                 buf: bytearray) -> int:
-    """Copy the tensor's byte ranges (split values in order) through ``buf``."""
-    done = 0
-    view = memoryview(buf)
-    for offset, length in t.pieces:
-        at = 0
-        while at < length:
-            n = min(len(buf), length - at)
-            pread_into(src_fd, view[:n], offset + at, src)
-            pwrite_all(fd, view[:n], pos + done, path)
-            at += n
-            done += n
-    return done
+    def close(self) -> None:
+        self.handles.close()
+        for f in self.h5.values():
+            f.close()

@@ -313,39 +313,3 @@ def _h5_tensor(path: str, name: str, ds) -> LegacyTensor:
         raise FormatError(f"{path}: dataset {ds.name} has type {dt}, which safetensors cannot "
                           "store")
     return LegacyTensor(name, dtype, tuple(int(s) for s in ds.shape), (), ds.name)
-
-
-def hdf5_chunks(f, t: LegacyTensor, max_bytes: int) -> Iterator[memoryview]:
-    """The tensor's bytes in C order, little-endian, at most ``max_bytes`` per piece (at
-    least one element)."""
-    import numpy as np
-    from ..dtypes import numpy_dtype
-    ds = f[t.source]
-    dt = numpy_dtype(t.dtype).newbyteorder("<")
-    if not t.shape:
-        arr = np.empty((), dt)
-        ds.read_direct(arr)
-        yield memoryview(arr.reshape(1).view(np.uint8))
-        return
-    if 0 in t.shape:
-        return
-    isz = dt.itemsize
-    # iterate the leading dimensions one index at a time until what is left fits
-    inner, lead = 1, len(t.shape)
-    while lead > 0 and inner * t.shape[lead - 1] * isz <= max_bytes:
-        inner *= t.shape[lead - 1]
-        lead -= 1
-    if lead == 0:
-        arr = np.empty(t.shape, dt)
-        ds.read_direct(arr)
-        yield memoryview(arr.reshape(-1).view(np.uint8))
-        return
-    k = lead - 1                       # dimension read in runs
-    run = max(1, max_bytes // (inner * isz))
-    for idx in np.ndindex(*t.shape[:k]):
-        for s in range(0, t.shape[k], run):
-            e = min(t.shape[k], s + run)
-            sel = (*idx, slice(s, e))
-            arr = np.empty((e - s, *t.shape[k + 1:]), dt)
-            ds.read_direct(arr, source_sel=sel)
-            yield memoryview(arr.reshape(-1).view(np.uint8))

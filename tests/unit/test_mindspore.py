@@ -357,3 +357,22 @@ def test_cli_strategy_merge_and_convert(tmp_path):
                  "--shapes-from", G / "dist"])
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "s.yaml").read_text() == EXPECTED_YAML
+
+
+def test_hdf5_scalars_empty_big_endian_and_tiles(tmp_path):
+    """Scalars, zero-size datasets, big-endian storage, booleans and a tensor read in
+    one-element tiles (buffer 1 byte) come out as the safetensors library writes them."""
+    import h5py
+    rng = np.random.default_rng(3)
+    arrays = {"a/scalar": np.array(2.5, np.float64), "a/empty": np.zeros((0, 3), np.float32),
+              "b/big_endian": rng.standard_normal((3, 5)).astype(">f4"),
+              "b/mask": np.array([True, False, True]), "c/i16": np.arange(7, dtype=np.int16)}
+    p = tmp_path / "m.h5"
+    with h5py.File(p, "w") as f:
+        for k, v in arrays.items():
+            f.create_dataset(k, data=v)
+    convert(str(p), str(tmp_path / "o"), options=CopyOptions(fsync=False, progress=False,
+                                                             buffer_size=1))
+    want = save({k: v.astype(v.dtype.newbyteorder("<")) for k, v in arrays.items()},
+                metadata={"format": "keras"})
+    assert (tmp_path / "o" / "m.safetensors").read_bytes() == want
