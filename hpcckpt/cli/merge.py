@@ -20,8 +20,8 @@ def register(sub) -> None:
     p.add_argument("dist", help="distributed checkpoint directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--strategy", help="strategy (needed when DIST has no manifest.json)")
-    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
-                   help="largest shard (default 5GB)")
+    p.add_argument("--max-shard-size", type=parse_size, default=None,
+                   help="largest shard (default 5GB; --layout ms: 3GiB, as MindSpore)")
     p.add_argument("--exclude-prefix", action="append", default=[], metavar="P",
                    help="leave out tensors whose name starts with P (repeatable)")
     p.add_argument("--file-suffix", default="", metavar="SUF",

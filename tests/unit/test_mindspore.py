@@ -376,3 +376,48 @@ def test_hdf5_scalars_empty_big_endian_and_tiles(tmp_path):
     want = save({k: v.astype(v.dtype.newbyteorder("<")) for k, v in arrays.items()},
                 metadata={"format": "keras"})
     assert (tmp_path / "o" / "m.safetensors").read_bytes() == want
+
+
+def _same_safetensors(a: bytes, b: bytes) -> None:
+    """Byte for byte, except the order of ``__metadata__`` keys: the safetensors library
+    keeps metadata in a Rust HashMap, so MindSpore's own runs order it either way."""
+    n = struct.unpack("<Q", a[:8])[0]
+    assert n == struct.unpack("<Q", b[:8])[0] and a[8 + n:] == b[8 + n:]
+    ha, hb = json.loads(a[8:8 + n]), json.loads(b[8:8 + n])
+    assert list(ha) == list(hb) and ha == hb
+
+
+def test_merge_layout_ms_writes_what_unified_safetensors_writes(tmp_path):
+    out = tmp_path / "u"
+    s = hpcckpt.load_strategy(G / "merged_strategy.ckpt", shapes_from=G / "dist")
+    r = hpcckpt.merge(str(G / "dist"), str(out), strategy=s, layout="ms", options=FAST)
+    assert r.extra["shards"] == ["part0.safetensors"]
+    for f in ("param_name_map.json", "hyper_param.safetensors"):
+        assert (out / f).read_bytes() == (G / "unified" / f).read_bytes(), f
+    _same_safetensors((out / "part0.safetensors").read_bytes(),
+                      (G / "unified" / "part0.safetensors").read_bytes())
+    # parts of at most 200 bytes: MindSpore's count (ceil(560 / 200) = 3) and its
+    # largest-first filling, ties in the order rank files are met
+    r = hpcckpt.merge(str(G / "dist"), str(tmp_path / "u3"), strategy=s, layout="ms",
+                      max_shard_size=200, options=FAST)
+    doc = json.loads((tmp_path / "u3" / "param_name_map.json").read_text())
+    assert doc["weight_map"] == {
+        "model.embed.weight": "part0.safetensors", "model.layers.0.mlp.w": "part1.safetensors",
+        "lm_head.weight": "part2.safetensors", "model.layers.1.w": "part0.safetensors",
+        "model.layers.0.attn.w": "part1.safetensors", "model.layers.1.bias": "part2.safetensors",
+        "model.layers.0.norm.weight": "part1.safetensors"}
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_unified_layout_is_read_with_both_name_maps(tmp_path, flat):
+    d = tmp_path / "u"
+    shutil.copytree(G / "unified", d)
+    if flat:   # the older MindSpore name map: {name: file}
+        doc = json.loads((d / "param_name_map.json").read_text())["weight_map"]
+        (d / "param_name_map.json").chmod(0o644)
+        (d / "param_name_map.json").write_text(json.dumps(doc))
+    hpcckpt.merge  # noqa: B018 - the reader is what split and inspect use
+    from hpcckpt.storage.inputs import open_input
+    inp = open_input(d)
+    assert sorted(inp.source.tensors) == sorted(FULL4)
+    assert "global_step" not in inp.source.tensors
