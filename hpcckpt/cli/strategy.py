@@ -28,7 +28,7 @@ def register(sub) -> None:
     show.add_argument("--tensor", help="print every rank's box of this tensor")
     show.add_argument("--yaml", action="store_true", help="print the normalised YAML")
     show.add_argument("--json", action="store_true")
-    show.set_defaults(run=run_show, prints_itself=True)
+    show.set_defaults(run=run_show)
     register_mindspore(ssub)
 
 
@@ -88,7 +88,7 @@ def register_mindspore(ssub) -> None:
     merge.add_argument("dir", help="directory of per-stage .ckpt (or .json) strategy files")
     merge.add_argument("out", help="merged strategy file to write")
     merge.add_argument("--json", action="store_true")
-    merge.set_defaults(run=run_merge, prints_itself=True)
+    merge.set_defaults(run=run_merge)
     conv = ssub.add_parser("convert", help=CONVERT_HELP, description=CONVERT_HELP,
                            epilog=MS_EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +99,7 @@ def register_mindspore(ssub) -> None:
     conv.add_argument("--file-suffix", metavar="SUF",
                       help="with a MindSpore-written --shapes-from, the step to read")
     conv.add_argument("--json", action="store_true")
-    conv.set_defaults(run=run_convert, prints_itself=True)
+    conv.set_defaults(run=run_convert)
 
 
 def run_merge(args, comm):

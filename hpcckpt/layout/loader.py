@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointIOError, StrategyError
+from ..formats.names import STRATEGY_FILE
 from .strategy import Strategy
 from .yaml_io import read_strategy_yaml
 
@@ -35,8 +36,8 @@ def load_strategy(path: str | Path, shapes_from: str | Path | None = None,
     path = Path(path)
     if not path.exists():
         raise CheckpointIOError(f"{path}: strategy file not found")
-    if path.is_dir() and (path / "strategy.yaml").is_file():
-        return read_strategy_yaml(path / "strategy.yaml")
+    if path.is_dir() and (path / STRATEGY_FILE).is_file():
+        return read_strategy_yaml(path / STRATEGY_FILE)
     from .mindspore import is_ms_strategy_path, read_ms_strategy
     if is_ms_strategy_path(path):
         ms = read_ms_strategy(path)
@@ -46,5 +47,5 @@ def load_strategy(path: str | Path, shapes_from: str | Path | None = None,
         from ..storage.ms_dist import checkpoint_tensors
         return ms.bind(checkpoint_tensors(shapes_from, ms, file_suffix))
     if path.is_dir():
-        raise CheckpointIOError(f"{path}: directory has no strategy.yaml")
+        raise CheckpointIOError(f"{path}: directory has no {STRATEGY_FILE}")
     return read_strategy_yaml(path)

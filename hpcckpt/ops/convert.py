@@ -27,7 +27,7 @@ from ..errors import FormatError
 from ..layout.box import Box
 from ..planning.outputs import OutputEntry, OutputFile, divide_writes, make_file
 from ..storage.legacy import LegacyTensor, read_ckpt, read_hdf5
-from ..storage.safetensors_io import FileHandles, pread_into
+from ..storage.fileio import FileHandles, pread_into
 from .commit import OutputCommit, WriteOptions
 from .result import OpResult
 

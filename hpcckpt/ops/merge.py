@@ -8,9 +8,10 @@ from ..comm.wrapper import Comm, as_comm
 from ..errors import UsageError
 from ..layout.strategy import Strategy
 from ..planning.outputs import MS_PART_SIZE, divide_writes, hf_files, hf_index, ms_unified_files
+from ..formats.names import HF_INDEX, MS_META, MS_NAME_MAP, rank_dir_name
+from ..formats.safetensors import build_header
 from ..storage.atomic import json_bytes
-from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input
-from ..storage.safetensors_io import build_header
+from ..storage.inputs import open_input
 from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
@@ -80,8 +81,9 @@ def _hyper_params(inp, merged: set[str], exclude_prefixes: tuple[str, ...]) -> b
     checkpoint whose rank 0 stores nothing else (hpcckpt's own) gets ``epoch_num`` and
     ``step_num`` from ``rank_0/meta.json`` (0 without one)."""
     from ..dtypes import library_order
-    from ..planning.sources import rank_dir_of
-    from ..storage.safetensors_io import pread_into, read_header
+    from ..formats.names import rank_dir_of
+    from ..formats.safetensors import read_header
+    from ..storage.fileio import pread_into
     rank0 = [f for f in inp.files if rank_dir_of(f) == 0]
     extra = []
     for rel in rank0:
@@ -108,7 +110,7 @@ def _hyper_params(inp, merged: set[str], exclude_prefixes: tuple[str, ...]) -> b
 
 def _meta_epoch_step(src_root: str) -> tuple[int, int]:
     """(last_epoch, last_step) of ``rank_0/meta.json``, (0, 0) without a usable one."""
-    meta_path = Path(src_root) / "rank_0" / "meta.json"
+    meta_path = Path(src_root) / rank_dir_name(0) / MS_META
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from ..dtypes import itemsize
 from ..errors import CheckpointIOError, FormatError
-from .safetensors_io import pread_into
+from .fileio import pread_into
 
 #: MindSpore ``tensor_type`` -> safetensors dtype (``_tensor_to_np_type`` plus BFloat16)
 MS_DTYPES = {"Int8": "I8", "UInt8": "U8", "Int16": "I16", "UInt16": "U16", "Int32": "I32",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import FormatError
-from .safetensors_io import read_header
+from ..formats.safetensors import read_header
 
 
 def _last_two_numbers(name: str) -> list[int]:
@@ -70,7 +70,8 @@ def checkpoint_tensors(path: str | Path, ms, suffix: str | None = None
     shape is its slice shape times the pieces of its layout (``ms``: an MsStrategy),
     read from the first rank file holding it. Any other checkpoint says it directly.
     """
-    from .inputs import MANIFEST, open_input, rank_dirs
+    from ..formats.names import MANIFEST
+    from .inputs import open_input, rank_dirs
     path = Path(path)
     if path.is_dir() and rank_dirs(path) and not (path / MANIFEST).exists():
         files = rank_files(path, ms.world_size, suffix)

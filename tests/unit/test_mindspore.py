@@ -27,7 +27,7 @@ from hpcckpt.ms_proto import checkpoint_file_proto, message_class, strategy_file
 from hpcckpt.ops.convert import convert
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.storage.legacy import read_ckpt
-from hpcckpt.storage.safetensors_io import read_header
+from hpcckpt.formats.safetensors import read_header
 
 from helpers import run_cli
 
