@@ -33,8 +33,9 @@ def run(args, comm):
     from ..ops.load import load_job  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
         # a MindSpore strategy takes its tensor shapes from the checkpoint
-        strategy = load_strategy(args.strategy, shapes_from=args.path)
+        # (the destination's from the source strategy, when given)
         src = load_strategy(args.src_strategy, shapes_from=args.path) if args.src_strategy else None
+        strategy = load_strategy(args.strategy, shapes_from=src or args.path)
     return load_job(args.path, strategy, comm, against=args.against, src_strategy=src,
                     dry_run=args.dry_run, buffer_size=args.buffer_size,
                     budget=args.exchange_budget, max_message=args.max_message)

@@ -37,10 +37,12 @@ def run(args, comm):
     from ..ops.reshard import reshard  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
         # a MindSpore strategy takes its tensor shapes from the source checkpoint
+        # (the destination's from the source strategy, when given: a MindSpore-written
+        # checkpoint's slices are the source layout's)
         dist = args.dist.format(rank=comm.rank)
-        dst = load_strategy(args.strategy.format(rank=comm.rank), shapes_from=dist)
         src = (load_strategy(args.src_strategy.format(rank=comm.rank), shapes_from=dist)
                if args.src_strategy else None)
+        dst = load_strategy(args.strategy.format(rank=comm.rank), shapes_from=src or dist)
     extra = {}
     if args.node_local:
         extra = {"budget": args.exchange_budget, "max_message": args.max_message}

@@ -15,7 +15,7 @@ from .strategy import Strategy
 from .yaml_io import read_strategy_yaml
 
 
-def load_strategy(path: str | Path, shapes_from: str | Path | None = None,
+def load_strategy(path: str | Path, shapes_from: "str | Path | Strategy | None" = None,
                   file_suffix: str | None = None) -> Strategy:
     """Read a strategy file (or a checkpoint directory holding ``strategy.yaml``).
 
@@ -23,7 +23,9 @@ def load_strategy(path: str | Path, shapes_from: str | Path | None = None,
         path: hpcckpt YAML, a MindSpore strategy file (``.ckpt``/``.json``) or a directory
             of per-stage MindSpore files, or a checkpoint directory with ``strategy.yaml``.
         shapes_from: for MindSpore files, the checkpoint whose tensors give shapes and
-            dtypes (complete weights, an hpcckpt or a MindSpore-written distributed one).
+            dtypes (complete weights, an hpcckpt or a MindSpore-written distributed one),
+            or a Strategy already bound to it (a destination layout takes its shapes from
+            the source's: a MindSpore-written checkpoint's slices are the source's).
         file_suffix: with a MindSpore-written ``shapes_from``, which step's files to read
             (MindSpore's ``file_suffix`` rules).
 
@@ -44,6 +46,8 @@ def load_strategy(path: str | Path, shapes_from: str | Path | None = None,
         if shapes_from is None:
             raise StrategyError(f"{path}: a MindSpore strategy has no tensor shapes; this "
                                 "command needs a checkpoint to take them from")
+        if isinstance(shapes_from, Strategy):
+            return ms.bind({t.name: (t.shape, t.dtype) for t in shapes_from.tensors})
         from ..storage.ms_dist import checkpoint_tensors
         return ms.bind(checkpoint_tensors(shapes_from, ms, file_suffix))
     if path.is_dir():

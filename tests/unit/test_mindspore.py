@@ -421,3 +421,21 @@ def test_unified_layout_is_read_with_both_name_maps(tmp_path, flat):
     inp = open_input(d)
     assert sorted(inp.source.tensors) == sorted(FULL4)
     assert "global_step" not in inp.source.tensors
+
+
+def test_cli_reshard_mindspore_written_equals_load_distributed_checkpoint(tmp_path):
+    """Both layouts MindSpore files: the destination takes its shapes from the source
+    strategy (the rank files hold the source layout's slices)."""
+    r = run_cli(["reshard", G / "dist", tmp_path / "o", "--strategy", G / "predict_strategy.ckpt",
+                 "--src-strategy", G / "strategy_pb", "--no-fsync"], n=3)
+    assert r.returncode == 0, r.stderr
+    for k in range(4):
+        want = load_file(G / "ldc" / f"rank_{k}" / "net.safetensors")
+        got = load_file(next((tmp_path / "o" / f"rank_{k}").glob("*.safetensors")))
+        assert {n: v.tobytes() for n, v in got.items()} == \
+            {n: v.tobytes() for n, v in want.items() if n != "global_step"}
+    r = run_cli(["reshard", G / "dist", tmp_path / "o2", "--strategy", G / "predict_strategy.ckpt"])
+    assert r.returncode == 1
+    assert r.stderr == (f"hpcckpt reshard: error: rank 0: {G / 'dist'}: distributed checkpoint has "
+                        "no manifest.json (an unfinished write, or written by another tool); pass "
+                        "--strategy to read it\n")
