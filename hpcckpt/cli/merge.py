@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..layout.loader import load_strategy
-from ..units import parse_size
-from .common import add_run_options, copy_options, examples
+from .common import add_run_options, copy_options, examples, size_type
 
 HELP = "distributed checkpoint -> complete weights (HF or MindSpore layout)"
 EXAMPLES = examples("""
@@ -20,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("dist", help="distributed checkpoint directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--strategy", help="strategy (needed when DIST has no manifest.json)")
-    p.add_argument("--max-shard-size", type=parse_size, default=None,
+    p.add_argument("--max-shard-size", type=size_type(), default=None,
                    help="largest shard (default 5GB; --layout ms: 3GiB, as MindSpore)")
     p.add_argument("--exclude-prefix", action="append", default=[], metavar="P",
                    help="leave out tensors whose name starts with P (repeatable)")

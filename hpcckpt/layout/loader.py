@@ -36,6 +36,11 @@ def load_strategy(path: str | Path, shapes_from: "str | Path | Strategy | None" 
         >>> s = load_strategy("strategy/", shapes_from="output/checkpoint")  # doctest: +SKIP
     """
     path = Path(path)
+    if path.is_dir() and not (path / STRATEGY_FILE).is_file() and (
+            any(path.glob("*.safetensors")) or any(path.glob("rank_*/*.safetensors"))):
+        raise StrategyError(f"{path}: is a checkpoint (safetensors files), not a strategy; "
+                            "give a strategy YAML file, or a distributed checkpoint "
+                            f"directory holding {STRATEGY_FILE}")
     if not path.exists():
         raise CheckpointIOError(f"{path}: strategy file not found")
     if path.is_dir() and (path / STRATEGY_FILE).is_file():

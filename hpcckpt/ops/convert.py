@@ -26,7 +26,7 @@ from ..dtypes import library_order
 from ..errors import FormatError
 from ..layout.box import Box
 from ..planning.outputs import OutputEntry, OutputFile, divide_writes, make_file
-from ..storage.legacy import LegacyTensor, read_ckpt, read_hdf5
+from ..storage.legacy import LegacyTensor, import_h5py, read_ckpt, read_hdf5
 from ..storage.fileio import FileHandles, pread_into
 from .commit import OutputCommit, WriteOptions
 from .result import OpResult
@@ -193,8 +193,7 @@ class _LegacyReader:
         from ..dtypes import numpy_dtype
         f = self.h5.get(i)
         if f is None:
-            import h5py
-            f = self.h5[i] = h5py.File(self.jobs[i].src, "r")
+            f = self.h5[i] = import_h5py().File(self.jobs[i].src, "r")
         arr = np.frombuffer(out, numpy_dtype(t.dtype).newbyteorder("<")).reshape(tile.sizes)
         sel = tuple(slice(o, o + n) for o, n in zip(tile.offsets, tile.sizes))
         f[t.source].read_direct(arr, source_sel=sel if sel else None)

@@ -11,7 +11,7 @@ from ..planning.outputs import MS_PART_SIZE, divide_writes, hf_files, hf_index, 
 from ..formats.names import HF_INDEX, MS_META, MS_NAME_MAP, rank_dir_name
 from ..formats.safetensors import build_header
 from ..storage.atomic import json_bytes
-from ..storage.inputs import open_input
+from ..storage.inputs import ManifestReader, RankFilesReader, open_input
 from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
@@ -31,9 +31,14 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
     if layout not in ("hf", "ms"):
         raise UsageError(f"--layout must be hf or ms, not {layout!r}")
     with comm.step("plan"):
-        inp = open_input(dist, strategy, file_suffix=file_suffix or None)
-        if inp.manifest is None and inp.kind == "distributed":
-            file_suffix = ""   # it chose the MindSpore-written step; output names stay plain
+        src = dist
+        if RankFilesReader.recognise(Path(dist)) and not ManifestReader.recognise(Path(dist)):
+            # a MindSpore-written checkpoint: --file-suffix picks the step to read (as
+            # MindSpore's unified_safetensors), and output names stay plain
+            if strategy is not None:
+                src = RankFilesReader.open(Path(dist), strategy, file_suffix=file_suffix or None)
+            file_suffix = ""
+        inp = open_input(src, strategy, comm=comm)
         tensors = [t for t in inp.source.tensors.values()
                    if not any(t.name.startswith(p) for p in exclude_prefixes)]
         if not tensors:
@@ -58,7 +63,7 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         return [(HF_INDEX, json_bytes(hf_index(files)))] if len(files) > 1 else []
 
     # complete weights carry no checksums: nothing to hash
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "merge", options,
+    result = write_files(comm, inp.source, inp, out, files, pieces, records, "merge", options,
                          inputs=(str(dist),), markers=markers, marker_first=True,
                          checksums_needed=False)
     result.extra.update({"layout": layout, "tensors": len(tensors),

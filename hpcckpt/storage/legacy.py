@@ -230,6 +230,15 @@ _H5_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64", "int8": "I8"
 RESERVED = "__metadata__"
 
 
+def import_h5py():
+    """h5py, an optional dependency (extra ``hdf5``)."""
+    try:
+        import h5py
+    except ImportError:
+        raise FormatError("converting HDF5 needs h5py: pip install 'hpcckpt[hdf5]'") from None
+    return h5py
+
+
 def _attr_list(group, name: str, path: str) -> list[str] | None:
     """A Keras list attribute, also when Keras split it (``name0``, ``name1``, ...)
     because HDF5 caps an attribute at 64 KiB."""
@@ -263,7 +272,7 @@ def read_hdf5(path: str) -> tuple[list[LegacyTensor], str]:
     named by its HDF5 path. Names are checked: not empty, not ``__metadata__``, unique,
     and a weight name must resolve to a dataset inside its layer's group.
     """
-    import h5py
+    h5py = import_h5py()
     try:
         f = h5py.File(path, "r")
     except OSError as e:

@@ -85,17 +85,6 @@ def checkpoint_tensors(path: str | Path, ms, suffix: str | None = None
             if len(out) == len(wanted):
                 break
         return out
-    inp = open_input(path)
-    return {t.name: (t.shape, t.dtype) for t in inp.source.tensors.values()}
+    with open_input(path) as inp:
+        return {t.name: (t.shape, t.dtype) for t in inp.source.tensors.values()}
 
-
-def ms_weight_map(doc: object, where: str) -> dict[str, str]:
-    """``param_name_map.json`` as MindSpore 2.10 writes it (``{"metadata": {"total_size": N},
-    "weight_map": {name: file}}``) or the older flat ``{name: file}``."""
-    if isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict):
-        doc = doc["weight_map"]
-    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                            for k, v in doc.items()):
-        raise FormatError(f"{where}: expected {{\"weight_map\": {{name: file}}}} or "
-                          "{name: file}")
-    return doc
