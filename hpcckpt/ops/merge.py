@@ -7,9 +7,9 @@ from pathlib import Path
 from ..comm.wrapper import Comm, as_comm
 from ..errors import UsageError
 from ..layout.strategy import Strategy
-from ..planning.outputs import MS_PART_SIZE, divide_writes, hf_files, hf_index, ms_unified_files
-from ..formats.names import HF_INDEX, MS_META, MS_NAME_MAP, rank_dir_name
+from ..formats.names import HF_INDEX, MS_HYPER_PARAMS, MS_META, MS_NAME_MAP, rank_dir_name
 from ..formats.safetensors import build_header
+from ..planning.outputs import MS_PART_SIZE, divide_writes, hf_files, hf_index, ms_unified_files
 from ..storage.atomic import json_bytes
 from ..storage.inputs import ManifestReader, RankFilesReader, open_input
 from .filecopy import CopyOptions, write_files
@@ -58,7 +58,7 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
 
     def records(checksums):
         if name_map is not None:
-            return [("hyper_param.safetensors", hyper),
+            return [(MS_HYPER_PARAMS, hyper),
                     (MS_NAME_MAP, json.dumps(name_map, indent=4).encode())]
         return [(HF_INDEX, json_bytes(hf_index(files)))] if len(files) > 1 else []
 

@@ -8,9 +8,7 @@ and how to add another kind, is in ``storage/reader.py``.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError, UsageError, quote
@@ -129,7 +127,8 @@ class ManifestReader(SafetensorsReader):
         meta = meta or MetaFiles()
         m = read_manifest(path, meta, bind=False)
         where = str(path / MANIFEST)
-        tensors = {name: TensorInfo(name, shape, dtype) for name, (shape, dtype) in m.shapes.items()}
+        tensors = {name: TensorInfo(name, shape, dtype)
+                   for name, (shape, dtype) in m.shapes.items()}
         checked: set[str] = set()
 
         def chunks(name: str) -> list[SourceChunk]:

@@ -173,3 +173,16 @@ def test_a_misconfigured_job_stops_before_launching(cluster, work, tmp_path, set
     assert run.state == "FAILED" and run.exit_code == 2, run.describe()
     assert run.err.strip() == message
     assert not (tmp_path / "merged").exists()
+
+
+def test_save_template_never_requeues_a_run_that_committed_nothing(cluster, tmp_path):
+    # CHECKPOINT_DIR names another directory than the one the training writes
+    wrong = tmp_path / "not_the_checkpoint"
+    run = run_job(cluster, "save", [sys.executable, HERE / "standin_train.py", tmp_path / "ckpt",
+                                    "3", "1", "0.01"], tmp_path, tasks_per_node=1,
+                  settings=[("CHECKPOINT_DIR", str(wrong)), ("LAST_STEP", "3")])
+    assert run.state == "FAILED" and run.exit_code == 1 and run.info["Restarts"] == "0", \
+        run.describe()
+    assert run.err.strip().endswith(
+        f"the training exited 0 but {wrong}/rank_0/meta.json does not exist: is CHECKPOINT_DIR "
+        "the save manager's directory? Not requeueing")
