@@ -250,12 +250,6 @@ class MsStrategy:
             specs.append(grid)
         return Strategy(mesh, tuple(specs))
 
-    def to_dict(self) -> dict:
-        """A summary (``strategy show`` of a file without shapes)."""
-        return {"source": self.source, "stages": len(self.stages),
-                "devices_per_stage": self.device_num,
-                "parameters": [len(st) for st in self.stages]}
-
 
 def _is_chain(values: set[int]) -> bool:
     s = sorted(values)

@@ -1,8 +1,9 @@
 """Legacy checkpoint files read as tensor records: MindSpore ``.ckpt`` and HDF5 weights.
 
-A reader lists its tensors (name, safetensors dtype, shape) without loading their bytes
-and then yields each tensor's bytes in order, a bounded piece at a time, so
-``hpcckpt convert`` streams tensors of any size through a fixed buffer.
+A reader lists its tensors (name, safetensors dtype, shape) and where their bytes are,
+without loading them: ``hpcckpt convert`` then reads any region of a tensor (a positioned
+read of a ``.ckpt``, an HDF5 hyperslab) into its bounded buffer, so tensors of any size
+stream through it.
 
 ``.ckpt`` (MindSpore ``checkpoint.proto``): concatenated ``Checkpoint {repeated Value
 value = 1}`` messages, ``Value {string tag = 1; TensorProto tensor = 2; MapTensorProto
