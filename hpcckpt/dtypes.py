@@ -69,3 +69,16 @@ def dtype_name(dt) -> str:
         if numpy_dtype(name) == dt:
             return name
     raise FormatError(f"numpy dtype {dt} has no safetensors name")
+
+
+#: the ``safetensors`` library's ``Dtype`` enum order (its declaration order). Its
+#: ``save_file`` lays tensors out largest dtype first (this order, reversed), then by
+#: name; MindSpore writes every safetensors file through it.
+SAFETENSORS_ENUM = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3",
+                    "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64",
+                    "I64", "U64")
+
+
+def library_order(name: str, dtype: str) -> tuple[int, str]:
+    """Sort key putting tensors in the order ``safetensors.save_file`` writes them."""
+    return (-SAFETENSORS_ENUM.index(dtype), name)
