@@ -27,6 +27,7 @@ _LAZY = {
     "load_strategy": "layout", "strategy_from_dict": "layout",
     "load": "ops.exchange", "reshard_state": "ops.exchange",
     "merge": "ops.merge", "reshard": "ops.reshard", "split": "ops.split",
+    "verify": "ops.verify",
 }
 
 __all__ = ["CheckpointIOError", "FormatError", "HpcckptError", "LaunchError", "RankFailure",

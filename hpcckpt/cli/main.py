@@ -18,9 +18,10 @@ from . import merge as merge_cmd
 from . import reshard as reshard_cmd
 from . import split as split_cmd
 from . import strategy as strategy_cmd
+from . import verify as verify_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd)
+COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd, verify_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

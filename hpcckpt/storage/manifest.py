@@ -94,13 +94,26 @@ class ManifestIndex:
             for c in self._tensors[name]["chunks"]:
                 if type(c) is not tuple:   # not a chunk as _compact_chunk saw it
                     c = (c["offsets"], c["sizes"], c["file"])
-                offsets, sizes, file = c
+                offsets, sizes, file = c[:3]
                 out.append((Box(tuple(int(x) for x in offsets), tuple(int(x) for x in sizes)),
                             file))
             return out
         except _MALFORMED as e:
             raise FormatError(f"{self.where}: malformed manifest: tensor {name!r}: "
                               f"{type(e).__name__}: {e}") from None
+
+
+    def chunk_records(self, name: str) -> list[tuple]:
+        """``(offsets, sizes, file, checksum)`` of every chunk of ``name`` as written, not
+        checked (``hpcckpt verify`` checks them itself); the checksum is None unless the
+        manifest was read with ``checksums=True``."""
+        out = []
+        for c in self._tensors[name]["chunks"]:
+            if type(c) is tuple:
+                out.append(c if len(c) == 4 else (*c, None))
+            else:
+                out.append((c["offsets"], c["sizes"], c["file"], c.get("checksum")))
+        return out
 
 
 def _compact_chunk(pairs: list[tuple[str, object]]):
@@ -114,10 +127,22 @@ def _compact_chunk(pairs: list[tuple[str, object]]):
     return d
 
 
-def read_manifest(root: str | Path) -> ManifestIndex:
+def _compact_chunk_checksum(pairs: list[tuple[str, object]]):
+    """``_compact_chunk`` keeping the checksum: ``(offsets, sizes, file, checksum)``."""
+    d = dict(pairs)
+    if len(d) <= 4 and "file" in d and "offsets" in d and "sizes" in d \
+            and isinstance(d["file"], str):
+        return d["offsets"], d["sizes"], sys.intern(d["file"]), d.get("checksum")
+    return d
+
+
+def read_manifest(root: str | Path, checksums: bool = False) -> ManifestIndex:
+    """``root/manifest.json``; ``checksums``: keep each chunk's checksum (verify needs
+    them, planning does not)."""
     path = Path(root) / MANIFEST
+    hook = _compact_chunk_checksum if checksums else _compact_chunk
     try:
-        doc = json.loads(path.read_bytes(), object_pairs_hook=_compact_chunk)
+        doc = json.loads(path.read_bytes(), object_pairs_hook=hook)
     except FileNotFoundError:
         raise CheckpointIOError(f"{path}: not found") from None
     except json.JSONDecodeError as e:
