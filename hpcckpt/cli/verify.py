@@ -70,11 +70,14 @@ def run(args, comm):
     except HpcckptError as e:
         if comm.rank == 0:
             msg = str(e)
+            if isinstance(e, RankFailure) and len(set(e.failures.values())) == 1 and \
+                    len(e.failures) == comm.size:   # every rank found the same: say it once
+                msg = next(iter(e.failures.values()))
             if args.json:
                 print(json.dumps({"op": "verify", "path": args.path, "ok": False,
                                   "error": msg, "exit": EXIT_UNUSABLE}))
             print(f"hpcckpt verify: error: {msg}", file=sys.stderr)
-            if isinstance(e, RankFailure) and len(e.failures) > 1:
+            if isinstance(e, RankFailure) and len(set(e.failures.values())) > 1:
                 print(e.details(), file=sys.stderr)
         sys.stdout.flush()
         raise SystemExit(EXIT_UNUSABLE)

@@ -39,7 +39,7 @@ from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError, HpcckptError, UsageError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..planning.checkwork import CheckItem, divide_checks, divide_round_robin
+from ..planning.checkwork import CheckItem, divide_checks, divide_round_robin, tiles_as_grid
 from ..planning.runs import flat_range_to_boxes, strided_runs
 from ..planning.sources import SourceChunk, TensorInfo, check_tensor_chunks, group_chunks
 from ..storage.chunkio import ChunkReader
@@ -246,26 +246,40 @@ def _manifest_expect(m: ManifestIndex, files: set[str]) -> dict[str, list[Expect
 
 
 def _manifest_coverage(m: ManifestIndex, root: str, name: str) -> list[Problem]:
+    """The tensor's chunks tile it exactly; copies of one box record one checksum. A
+    grid (what strategies produce) is recognised on plain tuples; anything else goes
+    through the general check, which names the defect."""
     where = f"{root}/{MANIFEST}"
     shape, dtype = m.shapes[name]
     try:
-        recs = m.chunk_records(name)
-        entries = []
-        sums: dict[Box, set] = {}
-        for offsets, sizes, f, checksum in recs:
-            box = Box(tuple(int(x) for x in offsets), tuple(int(x) for x in sizes))
-            if len(box.sizes) != len(shape):
-                raise FormatError(f"chunk {box} in {f} has {len(box.sizes)} dimensions, the "
-                                  f"tensor {len(shape)}")
-            entries.append((name, box, f))
-            sums.setdefault(box, set()).add(checksum)
-        check_tensor_chunks(where, TensorInfo(name, shape, dtype),
-                            group_chunks(entries).get(name, []))
+        sums: dict[tuple, set] = {}
+        for offsets, sizes, f, checksum in m.chunk_records(name):
+            if not isinstance(f, str):
+                raise FormatError(f"chunk file {f!r} is not a file name")
+            key = (tuple(offsets), tuple(sizes))
+            got = sums.get(key)
+            if got is None:
+                sums[key] = got = set()
+            got.add(checksum)
+        if not tiles_as_grid(shape, {k for k in sums if 0 not in k[1]}) or \
+                not all(type(x) is int for k in sums for part in k for x in part):
+            entries = [(name, Box(tuple(int(x) for x in o), tuple(int(x) for x in z)), f)
+                       for o, z, f, _ in m.chunk_records(name)]
+            for _, box, f in entries:
+                if len(box.sizes) != len(shape):
+                    raise FormatError(f"chunk {box} in {f} has {len(box.sizes)} dimensions, "
+                                      f"the tensor {len(shape)}")
+            check_tensor_chunks(where, TensorInfo(name, shape, dtype),
+                                group_chunks(entries).get(name, []))
     except (FormatError, KeyError, TypeError, ValueError) as e:
-        return [Problem("coverage", _strip(str(e), where), MANIFEST, name)]
+        msg = _strip(str(e), where)
+        if msg.startswith(f"tensor {name!r} "):   # the problem names the tensor itself
+            msg = msg[len(f"tensor {name!r} "):]
+        return [Problem("coverage", msg, MANIFEST, name)]
     return [Problem("replica", f"its {len(s)} copies record different checksums "
-                    f"({', '.join(sorted(map(str, s)))})", MANIFEST, name, str(b))
-            for b, s in sums.items() if len(s) > 1]
+                    f"({', '.join(sorted(map(str, s)))})", MANIFEST, name,
+                    str(Box(*k)), None)
+            for k, s in sums.items() if len(s) > 1]
 
 
 def _strip(msg: str, where: str) -> str:

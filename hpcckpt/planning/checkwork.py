@@ -109,3 +109,41 @@ def divide_files(files: list[str], reads: list[list[CheckItem]], world: int) -> 
 def divide_round_robin(n: int, world: int, rank: int) -> range:
     """Indices ``rank, rank + world, ...`` below ``n``: a share of ``n`` similar tasks."""
     return range(rank, n, world)
+
+
+def tiles_as_grid(shape: tuple[int, ...], boxes: set[tuple[tuple[int, ...], tuple[int, ...]]]
+                  ) -> bool:
+    """True when the distinct ``(offsets, sizes)`` boxes are exactly the cells of one grid
+    over ``shape``: then they lie inside it, do not overlap and cover it.
+
+    Every layout a strategy produces is such a grid, so this settles most tensors in one
+    pass over plain tuples (a 1024-rank 70B manifest: 370,176 chunks). False says
+    nothing: the caller runs the general check, which also names the defect.
+
+    Example:
+        >>> tiles_as_grid((4, 6), {((0, 0), (2, 6)), ((2, 0), (2, 6))})
+        True
+    """
+    ndim = len(shape)
+    if ndim == 0:
+        return boxes == {((), ())}
+    if not boxes or any(s <= 0 for s in shape):
+        return False
+    starts: list[set[int]] = [set() for _ in range(ndim)]
+    for offs, sizes in boxes:
+        if len(offs) != ndim or len(sizes) != ndim:
+            return False
+        for d in range(ndim):
+            starts[d].add(offs[d])
+    ends: list[dict[int, int]] = []
+    cells = 1
+    for d in range(ndim):
+        s = sorted(starts[d])
+        if s[0] != 0 or s[-1] >= shape[d]:
+            return False
+        ends.append(dict(zip(s, s[1:] + [shape[d]])))
+        cells *= len(s)
+    if len(boxes) != cells:
+        return False
+    return all(offs[d] + sizes[d] == ends[d][offs[d]]
+               for offs, sizes in boxes for d in range(ndim))

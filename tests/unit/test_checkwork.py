@@ -84,3 +84,34 @@ def test_every_byte_read_once_balanced_contiguous(w):
     biggest = max([p.nbytes for part in parts for p in part], default=0)
     for part in parts:
         assert abs(sum(p.nbytes for p in part) - total / world) <= biggest
+
+
+def test_tiles_as_grid_exact():
+    from hpcckpt.planning.checkwork import tiles_as_grid
+    assert tiles_as_grid((4, 6), {((0, 0), (2, 6)), ((2, 0), (2, 6))})
+    assert tiles_as_grid((), {((), ())})
+    assert tiles_as_grid((5,), {((0,), (3,)), ((3,), (2,))})
+    assert not tiles_as_grid((5,), {((0,), (3,)), ((2,), (3,))})          # overlap
+    assert not tiles_as_grid((5,), {((0,), (3,)), ((3,), (1,))})          # gap at the end
+    assert not tiles_as_grid((4, 4), {((0, 0), (2, 4)), ((2, 0), (2, 2))})  # a missing cell
+    assert not tiles_as_grid((4,), {((0,), (2,)), ((2,), (2,)), ((0,), (4,))})  # not a grid
+    assert not tiles_as_grid((4,), {((0,), (2,)), ((2,), (3,))})          # leaves the shape
+
+
+@PROPS
+@given(st.lists(st.integers(1, 5), min_size=0, max_size=3).flatmap(
+    lambda shape: st.tuples(st.just(tuple(shape)), st.sets(st.tuples(
+        st.tuples(*[st.integers(0, s - 1) for s in shape]),
+        st.tuples(*[st.integers(1, s) for s in shape])), max_size=6))))
+def test_tiles_as_grid_is_sound(case):
+    """When it says yes, every element is covered exactly once, and nothing is outside."""
+    import numpy as np
+    from hpcckpt.planning.checkwork import tiles_as_grid
+    shape, boxes = case
+    if not tiles_as_grid(shape, boxes):
+        return
+    count = np.zeros(shape, np.int64)
+    for offs, sizes in boxes:
+        assert all(o + z <= s for o, z, s in zip(offs, sizes, shape))
+        count[tuple(slice(o, o + z) for o, z in zip(offs, sizes))] += 1
+    assert (count == 1).all()
