@@ -103,6 +103,11 @@ class ManifestIndex:
                               f"{type(e).__name__}: {e}") from None
 
 
+    def raw_chunks(self, name: str) -> list:
+        """The chunks of ``name`` as parsed: ``(offsets, sizes, file[, checksum])`` tuples,
+        or dicts for chunks the parser did not compact (unknown keys). Not checked."""
+        return self._tensors[name]["chunks"]
+
     def chunk_records(self, name: str) -> list[tuple]:
         """``(offsets, sizes, file, checksum)`` of every chunk of ``name`` as written, not
         checked (``hpcckpt verify`` checks them itself); the checksum is None unless the
