@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--strategy", help="strategy for a distributed checkpoint without manifest")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=run, prints_itself=True)
+    p.set_defaults(run=run)
 
 
 def run(args, comm):

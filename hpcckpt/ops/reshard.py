@@ -2,7 +2,7 @@
 
 No complete copy is written or held. On a shared filesystem each writer reads exactly
 the byte ranges it needs (``write_files``). With ``node_local`` ranks only open files
-under their own directories and slices travel over MPI (``ops.exchange``).
+under their own directories and slices travel over MPI (``ops.node_local``).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from ..planning.assign import dedup_assignment
 from ..planning.outputs import OutputFile, divide_writes, rank_file, rank_files
 from ..planning.sources import SourceIndex
 from ..storage.inputs import open_source
-from ..storage.manifest import MANIFEST
-from .common import check_tensors_match, commit_distributed
-from .filecopy import CopyOptions, prepare_output_dir, write_files
+from ..formats.names import DEFAULT_PREFIX, MANIFEST
+from .common import check_tensors_match, distributed_records, rank_dirs_of
+from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
 
@@ -25,14 +25,14 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
             comm=None, options: CopyOptions = CopyOptions(), **exchange_opts) -> OpResult:
     comm: Comm = as_comm(comm)
     if node_local:
-        from .exchange import reshard_node_local
+        from .node_local import reshard_node_local
         return reshard_node_local(dist, out, strategy, src_strategy=src_strategy, dedup=dedup,
                                   prefix=prefix, comm=comm, options=options, **exchange_opts)
     t0 = time.perf_counter()
     with comm.step("plan"):
         inp = open_source(dist, src_strategy, comm, prefix, lazy=True)
         check_tensors_match(inp.source, strategy, str(dist), "the destination strategy")
-        prefix = prefix or (inp.manifest.prefix if inp.manifest and inp.manifest.prefix else "model")
+        prefix = prefix or (inp.manifest.prefix if inp.manifest and inp.manifest.prefix else DEFAULT_PREFIX)
         assignment = dedup_assignment(strategy) if dedup else None
         if getattr(comm, "simulated", False) and strategy.world_size == comm.size:
             # rank r writes file r (divide_writes): plan that file alone
@@ -42,13 +42,13 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
         pieces = divide_writes(files, comm.size)
         for p in pieces[comm.rank]:
             inp.source.chunks(files[p.file].entries[p.entry].name)  # decoded and checked now
-    if not options.dry_run:
-        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(dist),))
 
-    def commit(checksums):
-        commit_distributed(out, strategy, files, checksums, dedup, prefix, options.fsync)
+    def records(checksums):
+        return distributed_records(strategy, files, checksums, dedup, prefix)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "reshard", options)
+    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "reshard",
+                         options, inputs=(str(dist),), markers=(MANIFEST,),
+                         dirs=rank_dirs_of(strategy))
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup,
                          "transport": "shared-fs"})
     return result

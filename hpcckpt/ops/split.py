@@ -6,14 +6,14 @@ from ..layout.strategy import Strategy
 from ..planning.assign import dedup_assignment
 from ..planning.outputs import divide_writes, rank_files
 from ..storage.inputs import open_input
-from ..storage.manifest import MANIFEST
-from .common import check_tensors_match, commit_distributed
-from .filecopy import CopyOptions, prepare_output_dir, write_files
+from ..formats.names import DEFAULT_PREFIX, MANIFEST
+from .common import check_tensors_match, distributed_records, rank_dirs_of
+from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
 
 def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
-          prefix: str = "model", comm=None, options: CopyOptions = CopyOptions()) -> OpResult:
+          prefix: str = DEFAULT_PREFIX, comm=None, options: CopyOptions = CopyOptions()) -> OpResult:
     """Write ``OUT/rank_<r>/{prefix}_rank_<r>.safetensors`` + strategy.yaml + manifest.json.
 
     Any job size works with any strategy world size: the job's ranks share the writing.
@@ -24,12 +24,12 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
         check_tensors_match(inp.source, strategy, str(complete), "the strategy")
         files = rank_files(strategy, prefix, dedup_assignment(strategy) if dedup else None)
         pieces = divide_writes(files, comm.size)
-    if not options.dry_run:
-        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(complete),))
 
-    def commit(checksums):
-        commit_distributed(out, strategy, files, checksums, dedup, prefix, options.fsync)
+    def records(checksums):
+        return distributed_records(strategy, files, checksums, dedup, prefix)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "split", options)
+    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "split", options,
+                         inputs=(str(complete),), markers=(MANIFEST,),
+                         dirs=rank_dirs_of(strategy))
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup})
     return result

@@ -37,15 +37,18 @@ import xxhash
 from ..comm.wrapper import Comm, as_comm
 from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError, HpcckptError, UsageError
+from ..formats.names import CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST, MS_NAME_MAP
+from ..formats.safetensors import read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
+from ..layout.tensor import TensorInfo
 from ..planning.checkwork import CheckItem, divide_checks, divide_round_robin, tiles_as_grid
 from ..planning.runs import flat_range_to_boxes, strided_runs
-from ..planning.sources import SourceChunk, TensorInfo, check_tensor_chunks, group_chunks
+from ..planning.sources import check_tensor_chunks, group_chunks
 from ..storage.chunkio import ChunkReader
-from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input, rank_dirs
-from ..storage.manifest import MANIFEST, ManifestIndex, read_manifest
-from ..storage.safetensors_io import pread_into, read_header, safe_join
+from ..storage.fileio import pread_into, safe_join
+from ..storage.inputs import open_input, rank_dirs
+from ..storage.manifest import ManifestIndex, read_manifest
 
 DEFAULT_READ_BUFFER = 8 << 20     #: per rank; large reads keep a cold disk streaming
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "C64")
@@ -168,8 +171,8 @@ class Target:
 
 
 # ---- step 1: recognise PATH -----------------------------------------------------------
-def open_target(path: str, strategy: Strategy | None = None, step: str | None = None,
-                checksums: bool = True) -> Target:
+def open_target(path: str, strategy: Strategy | None = None, step: str | None = None
+                ) -> Target:
     """Recognise ``path``; raise for an unusable one (UsageError, CheckpointIOError,
     FormatError 'not a checkpoint')."""
     p = Path(path)
@@ -178,13 +181,13 @@ def open_target(path: str, strategy: Strategy | None = None, step: str | None = 
     if p.is_file() and p.name in (HF_INDEX, MS_NAME_MAP, MANIFEST):
         p = p.parent
     if step is not None or _is_training_dir(p):
-        return _training_target(p, strategy, step, checksums)
+        return _training_target(p, strategy, step)
     if p.is_file():
         if p.suffix != ".safetensors":
             raise FormatError(f"{path}: not a .safetensors file nor a checkpoint directory")
         return _complete_target(p.parent, [p.name], None, "complete (single file)")
     if (p / MANIFEST).exists():
-        return manifest_target(p, checksums)
+        return manifest_target(p)
     if rank_dirs(p):
         if strategy is None:
             t = Target("distributed", str(p), (), lambda fs: {})
@@ -201,17 +204,16 @@ def open_target(path: str, strategy: Strategy | None = None, step: str | None = 
         raise FormatError(f"{path}: no safetensors checkpoint here (no {HF_INDEX}, {MANIFEST}, "
                           "rank_<r>/ directories or .safetensors files)")
     t = _complete_target(p, files, None, "complete (directory of safetensors files)")
-    from ..storage.inputs import _HF_SHARD
-    if any(_HF_SHARD.match(f) for f in files):
+    if any(HF_SHARD.match(f) for f in files):
         t.problems.append(Problem("uncommitted", f"sharded weights without {HF_INDEX}: an "
                                   "unfinished merge or an incomplete copy", HF_INDEX))
     return t
 
 
-def manifest_target(root: Path, checksums: bool = True) -> Target:
+def manifest_target(root: Path) -> Target:
     """A distributed checkpoint with its manifest (the commit record)."""
     try:
-        m = read_manifest(root, checksums=checksums)
+        m = read_manifest(root)
         files = tuple(str(f) for f in m.files)
         for f in files:
             safe_join(root, f, str(root / MANIFEST))
@@ -233,19 +235,16 @@ def _manifest_expect(m: ManifestIndex, files: set[str]) -> dict[str, list[Expect
     out: dict[str, list[Expect]] = {f: [] for f in files}
     for name, (shape, dtype) in m.shapes.items():
         try:
-            raw = m.raw_chunks(name)
-            hits = [c for c in raw if (c[2] if type(c) is tuple else c.get("file")) in out]
+            hits = [c for c in m.chunk_records(name) if c[2] in out]
         except (KeyError, TypeError, AttributeError, IndexError):
             continue    # reported by the coverage step
         for c in hits:
-            if type(c) is not tuple:
-                c = (c.get("offsets"), c.get("sizes"), c["file"], c.get("checksum"))
             try:
                 box = Box(tuple(c[0]), tuple(c[1]))
             except TypeError:
                 continue    # reported by the coverage step
             if 0 not in box.sizes:
-                out[c[2]].append(Expect(name, dtype, box, shape, c[3] if len(c) > 3 else None))
+                out[c[2]].append(Expect(name, dtype, box, shape, c[3]))
     return out
 
 
@@ -354,8 +353,7 @@ def _is_training_dir(p: Path) -> bool:
     return p.is_dir() and (p / "latest").exists() and not (p / MANIFEST).exists()
 
 
-def _training_target(p: Path, strategy: Strategy | None, step: str | None,
-                     checksums: bool) -> Target:
+def _training_target(p: Path, strategy: Strategy | None, step: str | None) -> Target:
     """A training directory's committed step (latest, or ``step``), through the save
     manager's step resolution: ``resolve_step(directory, step) -> directory of that
     step's checkpoint`` (a manifest-bearing view of it)."""
@@ -364,7 +362,7 @@ def _training_target(p: Path, strategy: Strategy | None, step: str | None,
     except ImportError:
         raise UsageError(f"{p}: training directories (--step) need the save manager, which "
                          "this build does not have") from None
-    return manifest_target(Path(resolve_step(p, step)), checksums)
+    return manifest_target(Path(resolve_step(p, step)))
 
 
 # ---- step 2: files ------------------------------------------------------------------
@@ -564,7 +562,7 @@ def check_items(root: str, items: list[CheckItem], begins: dict, dtypes: dict[st
                                         f"first at index {idx}", it.file, it.tensor,
                                         str(it.box), rng, rank))
             if h is not None:
-                got = "xxh3_64:" + h.hexdigest()
+                got = CHECKSUM_PREFIX + h.hexdigest()
                 if it.checksum is not None and got != it.checksum:
                     problems.append(Problem("checksum", f"bytes hash to {got}, the manifest "
                                             f"records {it.checksum}", it.file, it.tensor,
@@ -682,7 +680,7 @@ def verify(path: str, comm: Comm, *, strategy: Strategy | None = None, step: str
     if against is not None:
         deep = True    # comparing reads every element
     with comm.step("open"):
-        target = open_target(path, strategy, step, checksums=deep)
+        target = open_target(path, strategy, step)
         ag = None
         if against is not None:
             other = open_input(against, against_strategy)

@@ -5,32 +5,14 @@ Pure: built from parsed headers, a manifest, or a strategy; never opens files it
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from ..dtypes import itemsize
 from ..errors import FormatError
+from ..formats.names import rank_dir_of
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-
-_RANK_DIR = re.compile(r"^rank_(\d+)/")
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def itemsize(self) -> int:
-        return itemsize(self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
-
+from ..layout.tensor import TensorInfo
 
 @dataclass(frozen=True, slots=True)
 class SourceChunk:
@@ -38,15 +20,13 @@ class SourceChunk:
 
     box: Box
     files: tuple[str, ...]
+    #: the recorded checksum of each file's copy ("xxh3_64:<hex>" or None), when the
+    #: source records them (a manifest); empty otherwise
+    checksums: tuple[str | None, ...] = ()
 
     def rank_dirs(self) -> tuple[int | None, ...]:
         """The ``rank_<r>`` directory of each file (None for files outside rank dirs)."""
         return tuple(rank_dir_of(f) for f in self.files)
-
-
-def rank_dir_of(rel_path: str) -> int | None:
-    m = _RANK_DIR.match(rel_path)
-    return int(m.group(1)) if m else None
 
 
 class SourceIndex:
@@ -121,16 +101,24 @@ def first_overlap(chunks: list[SourceChunk]):
     return None, None, None
 
 
-def group_chunks(entries: Iterable[tuple[str, Box, str]]) -> dict[str, list[SourceChunk]]:
-    """(tensor, box, file) records -> distinct chunks with their replica files, in order."""
-    groups: dict[str, dict[Box, list[str]]] = {}
-    for name, box, f in entries:
+def group_chunks(entries: Iterable[tuple]) -> dict[str, list[SourceChunk]]:
+    """(tensor, box, file[, checksum]) records -> distinct chunks with their replica
+    files (and their recorded checksums, when every record has one), in order."""
+    groups: dict[str, dict[Box, list[tuple[str, str | None]]]] = {}
+    for name, box, f, *sum_ in entries:
         if box.volume == 0:
             groups.setdefault(name, {})
             continue
-        groups.setdefault(name, {}).setdefault(box, []).append(f)
-    return {n: [SourceChunk(b, tuple(sorted(fs, key=_file_order))) for b, fs in g.items()]
-            for n, g in groups.items()}
+        groups.setdefault(name, {}).setdefault(box, []).append((f, sum_[0] if sum_ else None))
+    out = {}
+    for n, g in groups.items():
+        out[n] = []
+        for b, fs in g.items():
+            fs.sort(key=lambda x: _file_order(x[0]))
+            sums = tuple(s for _, s in fs)
+            out[n].append(SourceChunk(b, tuple(f for f, _ in fs),
+                                      sums if any(s is not None for s in sums) else ()))
+    return out
 
 
 def _file_order(rel: str):
@@ -154,5 +142,5 @@ def strategy_source(strategy: Strategy, file_of_rank: Callable[[int], str],
                 out.append(SourceChunk(box, files))
         return out
 
-    tensors = [TensorInfo(t.name, t.shape, t.dtype) for t in strategy.tensors]
+    tensors = [t.info for t in strategy.tensors]
     return SourceIndex(tensors, chunks)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError
+from ..formats.names import MANIFEST, STRATEGY_FILE
 from ..layout.box import Box
 
 FORMAT = "hpcckpt.manifest/1"
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class Manifest:
     redundancy: str                 #: "full" (every rank's boxes) or "dedup" (each box once)
     tensors: tuple[ManifestTensor, ...]
     files: tuple[str, ...]          #: every rank file, including ones holding no tensor
-    strategy: str = "strategy.yaml"
+    strategy: str = STRATEGY_FILE
     prefix: str = ""
 
     def to_dict(self) -> dict:
@@ -63,9 +63,9 @@ class ManifestIndex:
     Decoding every chunk into objects took 6.7 s per rank; a rank planning a reshard or
     a load needs the chunks of the few hundred tensors its boxes touch. The JSON is
     parsed whole (the format cannot be read in parts), each chunk object becoming a
-    compact ``(offsets, sizes, file)`` tuple as it is parsed (``read_manifest``): 0.8 s
-    and 250 MiB at peak instead of 1.1 s and 380 MiB for plain dicts. Chunk checksums
-    are not kept: planning does not use them.
+    compact ``(offsets, sizes, file, checksum)`` tuple as it is parsed (``read_manifest``):
+    0.8 s and 250 MiB at peak instead of 1.1 s and 380 MiB for plain dicts. Checksums are
+    kept for the readers, which verify a chunk whose bytes they read whole.
     """
 
     def __init__(self, doc: dict, where: str):
@@ -78,7 +78,7 @@ class ManifestIndex:
             self.world_size = int(doc["world_size"])
             self.redundancy: str = doc["redundancy"]
             self.files = tuple(doc.get("files", ()))
-            self.strategy: str = doc.get("strategy", "strategy.yaml")
+            self.strategy: str = doc.get("strategy", STRATEGY_FILE)
             self.prefix: str = doc.get("prefix", "")
             self._tensors: dict = doc["tensors"]
             #: name -> (shape, dtype), in the manifest's order
@@ -93,8 +93,8 @@ class ManifestIndex:
             out = []
             for c in self._tensors[name]["chunks"]:
                 if type(c) is not tuple:   # not a chunk as _compact_chunk saw it
-                    c = (c["offsets"], c["sizes"], c["file"])
-                offsets, sizes, file = c[:3]
+                    c = (c["offsets"], c["sizes"], c["file"], None)
+                offsets, sizes, file, _ = c
                 out.append((Box(tuple(int(x) for x in offsets), tuple(int(x) for x in sizes)),
                             file))
             return out
@@ -102,38 +102,30 @@ class ManifestIndex:
             raise FormatError(f"{self.where}: malformed manifest: tensor {name!r}: "
                               f"{type(e).__name__}: {e}") from None
 
-
-    def raw_chunks(self, name: str) -> list:
-        """The chunks of ``name`` as parsed: ``(offsets, sizes, file[, checksum])`` tuples,
-        or dicts for chunks the parser did not compact (unknown keys). Not checked."""
-        return self._tensors[name]["chunks"]
+    def checksums(self, name: str) -> list[str | None]:
+        """The recorded checksum of each chunk of ``name``, in ``chunks(name)``'s order
+        (None where a chunk records none or not as a string): what readers verify."""
+        out = []
+        for c in self._tensors[name]["chunks"]:
+            s = c[3] if type(c) is tuple else c.get("checksum") if isinstance(c, dict) else None
+            out.append(s if isinstance(s, str) else None)
+        return out
 
     def chunk_records(self, name: str) -> list[tuple]:
         """``(offsets, sizes, file, checksum)`` of every chunk of ``name`` as written, not
-        checked (``hpcckpt verify`` checks them itself); the checksum is None unless the
-        manifest was read with ``checksums=True``."""
-        out = []
-        for c in self._tensors[name]["chunks"]:
-            if type(c) is tuple:
-                out.append(c if len(c) == 4 else (*c, None))
-            else:
-                out.append((c["offsets"], c["sizes"], c["file"], c.get("checksum")))
-        return out
+        checked (``hpcckpt verify`` checks them itself and names each defect)."""
+        chunks = self._tensors[name]["chunks"]
+        if all(type(c) is tuple for c in chunks):
+            return chunks
+        return [c if type(c) is tuple else (c.get("offsets"), c.get("sizes"), c.get("file"),
+                                            c.get("checksum")) if isinstance(c, dict)
+                else (None, None, None, None) for c in chunks]
 
 
 def _compact_chunk(pairs: list[tuple[str, object]]):
-    """json object hook: a chunk ``{"offsets", "sizes", "file", ...}`` becomes the tuple
-    ``(offsets, sizes, file)`` (its file name interned: ~1,000 distinct names among
-    370,000 chunks); any other object stays a dict."""
-    d = dict(pairs)
-    if len(d) <= 4 and "file" in d and "offsets" in d and "sizes" in d \
-            and isinstance(d["file"], str):
-        return d["offsets"], d["sizes"], sys.intern(d["file"])
-    return d
-
-
-def _compact_chunk_checksum(pairs: list[tuple[str, object]]):
-    """``_compact_chunk`` keeping the checksum: ``(offsets, sizes, file, checksum)``."""
+    """json object hook: a chunk ``{"offsets", "sizes", "file", "checksum"}`` becomes the
+    tuple ``(offsets, sizes, file, checksum)`` (its file name interned: ~1,000 distinct
+    names among 370,000 chunks); any other object stays a dict."""
     d = dict(pairs)
     if len(d) <= 4 and "file" in d and "offsets" in d and "sizes" in d \
             and isinstance(d["file"], str):
@@ -141,13 +133,10 @@ def _compact_chunk_checksum(pairs: list[tuple[str, object]]):
     return d
 
 
-def read_manifest(root: str | Path, checksums: bool = False) -> ManifestIndex:
-    """``root/manifest.json``; ``checksums``: keep each chunk's checksum (verify needs
-    them, planning does not)."""
+def read_manifest(root: str | Path) -> ManifestIndex:
     path = Path(root) / MANIFEST
-    hook = _compact_chunk_checksum if checksums else _compact_chunk
     try:
-        doc = json.loads(path.read_bytes(), object_pairs_hook=hook)
+        doc = json.loads(path.read_bytes(), object_pairs_hook=_compact_chunk)
     except FileNotFoundError:
         raise CheckpointIOError(f"{path}: not found") from None
     except json.JSONDecodeError as e:

@@ -14,7 +14,7 @@ import pytest
 import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
 from hpcckpt.ops.filecopy import CopyOptions
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 
 from helpers import make_tensors, run_cli
 

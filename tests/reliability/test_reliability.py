@@ -37,7 +37,7 @@ import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.ops.verify import PROBLEM_KINDS
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 
 from helpers import _kill_group, clean_env, find_mpiexec, make_tensors
 
