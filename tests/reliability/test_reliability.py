@@ -279,8 +279,6 @@ def test_flipped_bit_verify_names_file_tensor_box(dist, which):
     assert len(lines) == 1 and lines[0].startswith(want) and lines[0].endswith("(rank 0)"), lines
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 item 4: merge does not verify chunk "
-                   "checksums as the bytes pass (commit helper)")
 def test_flipped_bit_in_read_chunk_merge_refuses(dist, tmp_path):
     e = read_header(dist / READ).tensors["w"]
     _flip(dist / READ, e.begin + 100)
@@ -443,8 +441,6 @@ def test_enospc_on_one_rank_split_mid_copy(pristine, tmp_path):
     _enospc_split(pristine, tmp_path / "out", skip=2)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 item 7: ENOSPC while a rank creates its "
-                   "file leaves that rank's .partial behind (commit helper)")
 def test_enospc_on_one_rank_split_at_creation(pristine, tmp_path):
     _enospc_split(pristine, tmp_path / "out", skip=0)
 
