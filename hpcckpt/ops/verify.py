@@ -210,23 +210,32 @@ def open_target(path: str, strategy: Strategy | None = None, step: str | None = 
     return t
 
 
-def manifest_target(root: Path) -> Target:
-    """A distributed checkpoint with its manifest (the commit record)."""
+def manifest_target(root: Path, name: str = MANIFEST) -> Target:
+    """A distributed checkpoint with its manifest (the commit record; a training step's
+    record is one too, ``name`` relative to ``root``)."""
     try:
-        m = read_manifest(root)
+        m = read_manifest(root, name) if name != MANIFEST else read_manifest(root)
         files = tuple(str(f) for f in m.files)
         for f in files:
-            safe_join(root, f, str(root / MANIFEST))
-    except (FormatError, TypeError) as e:
+            safe_join(root, f, str(root / name))
+    except (FormatError, CheckpointIOError, TypeError) as e:
         t = Target("distributed", str(root), (), lambda fs: {})
-        t.problems.append(Problem("manifest", _strip(str(e), str(root / MANIFEST)), MANIFEST))
+        t.problems.append(Problem("manifest", _strip(str(e), str(root / name)), name))
         return t
     sizes = getattr(m, "file_sizes", None)   # recorded once the manifest records them
     return Target("distributed", str(root), files, lambda fs: _manifest_expect(m, fs),
                   sizes=dict(sizes) if sizes else None, must_exist=(m.strategy,),
-                  coverage=lambda name: _manifest_coverage(m, str(root), name),
+                  coverage=lambda t: _manifest_coverage(m, str(root / name), name, t),
                   tensor_names=tuple(m.shapes), exclusive=True, hashed=True,
                   dtypes={n: dt for n, (_, dt) in m.shapes.items()})
+
+
+def _records(m: ManifestIndex, name: str) -> list[tuple]:
+    """``(offsets, sizes, file, checksum)`` of every stored chunk copy of ``name``, as
+    the manifest records them (not yet checked)."""
+    if hasattr(m, "records"):   # manifest format 2: rows of replicas, derived chunks
+        return [(b.offsets, b.sizes, f, s) for b, f, s in m.records(name)]
+    return m.chunk_records(name)
 
 
 def _manifest_expect(m: ManifestIndex, files: set[str]) -> dict[str, list[Expect]]:
@@ -235,8 +244,8 @@ def _manifest_expect(m: ManifestIndex, files: set[str]) -> dict[str, list[Expect
     out: dict[str, list[Expect]] = {f: [] for f in files}
     for name, (shape, dtype) in m.shapes.items():
         try:
-            hits = [c for c in m.chunk_records(name) if c[2] in out]
-        except (KeyError, TypeError, AttributeError, IndexError):
+            hits = [c for c in _records(m, name) if c[2] in out]
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError, FormatError):
             continue    # reported by the coverage step
         for c in hits:
             try:
@@ -248,15 +257,15 @@ def _manifest_expect(m: ManifestIndex, files: set[str]) -> dict[str, list[Expect
     return out
 
 
-def _manifest_coverage(m: ManifestIndex, root: str, name: str) -> list[Problem]:
+def _manifest_coverage(m: ManifestIndex, where: str, record: str, name: str) -> list[Problem]:
     """The tensor's chunks tile it exactly; copies of one box record one checksum. A
     grid (what strategies produce) is recognised on plain tuples; anything else goes
-    through the general check, which names the defect."""
-    where = f"{root}/{MANIFEST}"
+    through the general check, which names the defect. ``where``: the manifest's path,
+    ``record``: as problems name it (relative to the checkpoint)."""
     shape, dtype = m.shapes[name]
     try:
         sums: dict[tuple, set] = {}
-        for offsets, sizes, f, checksum in m.chunk_records(name):
+        for offsets, sizes, f, checksum in _records(m, name):
             if not isinstance(f, str):
                 raise FormatError(f"chunk file {f!r} is not a file name")
             key = (tuple(offsets), tuple(sizes))
@@ -267,7 +276,7 @@ def _manifest_coverage(m: ManifestIndex, root: str, name: str) -> list[Problem]:
         if not tiles_as_grid(shape, {k for k in sums if 0 not in k[1]}) or \
                 not all(type(x) is int for k in sums for part in k for x in part):
             entries = [(name, Box(tuple(int(x) for x in o), tuple(int(x) for x in z)), f)
-                       for o, z, f, _ in m.chunk_records(name)]
+                       for o, z, f, _ in _records(m, name)]
             for _, box, f in entries:
                 if len(box.sizes) != len(shape):
                     raise FormatError(f"chunk {box} in {f} has {len(box.sizes)} dimensions, "
@@ -278,9 +287,9 @@ def _manifest_coverage(m: ManifestIndex, root: str, name: str) -> list[Problem]:
         msg = _strip(str(e), where)
         if msg.startswith(f"tensor {name!r} "):   # the problem names the tensor itself
             msg = msg[len(f"tensor {name!r} "):]
-        return [Problem("coverage", msg, MANIFEST, name)]
+        return [Problem("coverage", msg, record, name)]
     return [Problem("replica", f"its {len(s)} copies record different checksums "
-                    f"({', '.join(sorted(map(str, s)))})", MANIFEST, name,
+                    f"({', '.join(sorted(map(str, s)))})", record, name,
                     str(Box(*k)), None)
             for k, s in sums.items() if len(s) > 1]
 
@@ -349,20 +358,48 @@ def _strategy_target(root: Path, strategy: Strategy) -> Target:
                   dtypes={t.name: t.dtype for t in src.tensors.values()})
 
 
+def _training():
+    """The save manager's training-directory module, or None in a build without it."""
+    try:
+        from ..storage import training
+    except ImportError:
+        return None
+    return training
+
+
 def _is_training_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "latest").exists() and not (p / MANIFEST).exists()
+    t = _training()
+    if t is None:
+        return False
+    return t.is_training_dir(p) or (p.is_file() and t.is_record_path(p))
 
 
 def _training_target(p: Path, strategy: Strategy | None, step: str | None) -> Target:
-    """A training directory's committed step (latest, or ``step``), through the save
-    manager's step resolution: ``resolve_step(directory, step) -> directory of that
-    step's checkpoint`` (a manifest-bearing view of it)."""
-    try:
-        from ..storage.training import resolve_step   # the save-manager issue
-    except ImportError:
-        raise UsageError(f"{p}: training directories (--step) need the save manager, which "
-                         "this build does not have") from None
-    return manifest_target(Path(resolve_step(p, step)))
+    """One committed step of a training directory (the latest, or ``step``): its commit
+    record is its manifest. A directory without any committed step is a problem
+    (uncommitted), an unknown ``--step`` an error (exit 2)."""
+    t = _training()
+    if t is None:
+        raise UsageError(f"{p}: --step needs training directories (the save manager), which "
+                         "this build does not have")
+    if p.is_file():   # DIR/commits/<record>.json: that step
+        root, record = p.parent.parent, f"{p.parent.name}/{p.name}"
+        label = p.stem.split("-", 1)[1]
+    else:
+        if not t.is_training_dir(p):
+            raise UsageError(f"{p}: --step needs a training directory (one written by "
+                             "hpcckpt save or a CheckpointManager)")
+        try:
+            rec = t.find_record(p, step)
+        except FormatError as e:
+            tg = Target("training directory", str(p), (), lambda fs: {})
+            kind = "uncommitted" if "no committed step" in str(e) else "manifest"
+            tg.problems.append(Problem(kind, _strip(str(e), str(p)), t.RECORDS))
+            return tg
+        root, record, label = p, rec.path, rec.label
+    tg = manifest_target(root, record)
+    tg.kind = f"training directory, step {label} ({record})"
+    return tg
 
 
 # ---- step 2: files ------------------------------------------------------------------

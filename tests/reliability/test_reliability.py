@@ -7,7 +7,7 @@ when they do not; a failing or killed rank ends the job on every rank within sec
 nothing half-written looks complete; the input is intact afterwards.
 
 Faults (ENOSPC, EIO, SIGKILL) are injected by a Python-level shim (``FAULTS`` below) run
-in every rank before hpcckpt's main: with ``HPCCKPT_FAULT=OP:WHAT:RANK:MATCH:SKIP`` set,
+in every rank before hpcckpt's main: with ``HPCCKPT_TEST_FAULT=OP:WHAT:RANK:MATCH:SKIP`` set,
 rank RANK's ``os.pwrite``/``os.write`` (OP ``write``) or ``os.pread``/``os.preadv``/
 ``os.readv``/``os.read`` (OP ``read``) on a file whose path contains MATCH raises
 ``OSError(WHAT)`` (ENOSPC, EIO) or SIGKILLs the process (KILL), after SKIP such calls.
@@ -61,7 +61,7 @@ QUIET = CopyOptions(fsync=False, progress=False)
 
 FAULTS = r"""
 import errno as _errno, os as _os, signal as _signal
-_spec = _os.environ.get("HPCCKPT_FAULT")
+_spec = _os.environ.get("HPCCKPT_TEST_FAULT")
 if _spec and _os.environ.get("PMI_RANK", "0") == _spec.split(":")[2]:
     _op, _what, _rank, _match, _skip = _spec.split(":")
     _left = [int(_skip)]
@@ -429,7 +429,7 @@ def _nothing_complete(out: Path) -> None:
 
 def _enospc_split(pristine: Path, out: Path, skip: int) -> None:
     p, codes, seconds = run(["split", pristine / "hf", out, "--strategy", pristine / "s.yaml"],
-                            n=2, env={"HPCCKPT_FAULT": f"write:ENOSPC:1:.partial:{skip}"})
+                            n=2, env={"HPCCKPT_TEST_FAULT": f"write:ENOSPC:1:.partial:{skip}"})
     _all_failed(codes, 2, p)
     assert "No space left on device" in p.stderr and seconds < 30
     _nothing_complete(out)
@@ -449,7 +449,7 @@ def test_eio_on_one_rank_merge(pristine, dist, tmp_path):
     out = tmp_path / "out"
     before = tree_bytes(dist)
     p, codes, seconds = run(["merge", dist, out, "--max-shard-size", "4KB"], n=2,
-                            env={"HPCCKPT_FAULT": "read:EIO:1:model_rank_:0"})
+                            env={"HPCCKPT_TEST_FAULT": "read:EIO:1:model_rank_:0"})
     _all_failed(codes, 2, p)
     assert "Input/output error" in p.stderr and seconds < 30
     _nothing_complete(out)
@@ -459,7 +459,7 @@ def test_eio_on_one_rank_merge(pristine, dist, tmp_path):
 def test_eio_on_one_rank_verify(dist):
     """verify reports the unreadable bytes as a problem of the rank that met them."""
     p, codes, _ = run(["verify", dist, "--json"], n=2,
-                      env={"HPCCKPT_FAULT": "read:EIO:1:model_rank_:0"})
+                      env={"HPCCKPT_TEST_FAULT": "read:EIO:1:model_rank_:0"})
     assert codes == {0: 1, 1: 1}, f"{codes}\n{p.stdout}\n{p.stderr}"
     doc = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("{")))
     kinds = {(q["kind"], q["rank"]) for q in doc["problems"]}
@@ -476,7 +476,7 @@ def test_kill9_one_rank_mid_write(pristine, dist, tmp_path, cmd):
     args = {"split": ["split", pristine / "hf", out, "--strategy", pristine / "s.yaml"],
             "merge": ["merge", dist, out, "--max-shard-size", "4KB"],
             "reshard": ["reshard", dist, out, "--strategy", pristine / "tp4.yaml"]}[cmd]
-    p, codes, seconds = run(args, n=2, env={"HPCCKPT_FAULT": "write:KILL:1:.partial:1"})
+    p, codes, seconds = run(args, n=2, env={"HPCCKPT_TEST_FAULT": "write:KILL:1:.partial:1"})
     assert p.returncode != 0, p.stdout
     assert seconds < 30, f"the job took {seconds:.1f} s to end after a rank was killed"
     assert codes.get(1) is None, "rank 1 was not killed"
