@@ -304,20 +304,67 @@ def test_corrupt_manifest_is_uncommitted(dist, tmp_path):
     refuses(["merge", dist, tmp_path / "out"], "manifest.json")
 
 
-def _has_training_dirs() -> bool:
-    return importlib.util.find_spec("hpcckpt.storage.training") is not None
+def _has_save() -> bool:
+    return (importlib.util.find_spec("hpcckpt.storage.training") is not None
+            and importlib.util.find_spec("hpcckpt.ops.save") is not None)
 
 
-@pytest.mark.skipif(not _has_training_dirs(), reason="needs training directories (save "
-                    "manager, issue 10): hpcckpt.storage.training not in this build")
-def test_training_dir_without_last_record_falls_back():  # pragma: no cover - gated
-    pytest.fail("to be written against the save manager's layout once it lands")
+NEEDS_SAVE = pytest.mark.skipif(not _has_save(), reason="needs training directories and "
+                                "`hpcckpt save` (save manager, issue 10): not in this build")
 
 
-@pytest.mark.skipif(not _has_training_dirs(), reason="needs the `latest` pointer (save "
-                    "manager, issue 10): hpcckpt.storage.training not in this build")
-def test_torn_latest_pointer_is_old_or_new():  # pragma: no cover - gated
-    pytest.fail("to be written against the save manager's layout once it lands")
+def _saved(pristine: Path, tmp_path: Path, steps: int = 2) -> Path:
+    """A training directory with ``steps`` committed steps (1_1, 1_2, ...) of real weights."""
+    out = tmp_path / "train"
+    p, codes, _ = run(["save", out, "--strategy", pristine / "s.yaml", "--from",
+                       pristine / "hf", "--steps", str(steps), "--no-fsync"], n=2)
+    assert codes == {0: 0, 1: 0}, p.stdout + p.stderr
+    return out
+
+
+def _records(train: Path) -> list[Path]:
+    return sorted((train / "commits").glob("*.json"))
+
+
+@NEEDS_SAVE
+def test_training_dir_missing_last_record_falls_back(pristine, tmp_path):
+    train = _saved(pristine, tmp_path)
+    first, last = _records(train)
+    last.unlink()                                  # the newest step never committed
+    p, codes, _ = run(["verify", train], n=2)
+    assert codes == {0: 0, 1: 0}, p.stdout + p.stderr
+    assert f"step 1_1 ({first.parent.name}/{first.name})" in p.stdout.splitlines()[0]
+    out = tmp_path / "merged"
+    p, codes, _ = run(["merge", train, out])
+    assert codes == {0: 0}, p.stderr
+    assert _same_tensors(pristine / "hf" / "model.safetensors", out / "model.safetensors")
+
+
+@NEEDS_SAVE
+def test_training_dir_corrupt_last_record(pristine, tmp_path):
+    """A torn record (a crash while the commit record was written) is not a step:
+    verify reports it; readers use the previous committed step or refuse, never garbage."""
+    train = _saved(pristine, tmp_path)
+    first, last = _records(train)
+    last.write_bytes(last.read_bytes()[:20])
+    problems, _ = verify_problems(train)
+    assert [p["kind"] for p in problems] in (["manifest"], ["uncommitted"]), problems
+    out = tmp_path / "merged"
+    p, codes, _ = run(["merge", train, out])
+    if codes == {0: 0}:
+        assert _same_tensors(pristine / "hf" / "model.safetensors", out / "model.safetensors")
+    else:
+        assert last.name in p.stderr, p.stderr
+
+
+@NEEDS_SAVE
+def test_torn_latest_pointer_is_old_or_new(pristine, tmp_path):
+    train = _saved(pristine, tmp_path)
+    (train / "latest").write_bytes(b'{"record": "commits/0000')   # torn mid-write
+    p, codes, _ = run(["verify", train], n=2)
+    assert codes == {0: 0, 1: 0}, p.stdout + p.stderr
+    last = _records(train)[-1]
+    assert f"({last.parent.name}/{last.name})" in p.stdout.splitlines()[0]
 
 
 # ---- malicious headers ------------------------------------------------------------------
@@ -495,10 +542,19 @@ def _nothing_complete_after_kill(out: Path) -> None:
     assert codes == {0: 1} or codes == {0: 2}, p.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hpcckpt.ops.save") is None,
-                    reason="needs `hpcckpt save` (save manager, issue 10): not in this build")
-def test_kill9_one_rank_mid_save():  # pragma: no cover - gated
-    pytest.fail("to be written against `hpcckpt save` once it lands")
+@NEEDS_SAVE
+def test_kill9_one_rank_mid_save(pristine, tmp_path):
+    """Kill rank 1 while it writes step 2's file: the job ends, step 1 stays the latest
+    committed step and verifies clean."""
+    train = tmp_path / "train"
+    args = ["save", train, "--strategy", pristine / "s.yaml", "--from", pristine / "hf",
+            "--steps", "2", "--no-fsync"]
+    p, codes, seconds = run(args, n=2, env={"HPCCKPT_FAULT": "write@1:2"})
+    assert p.returncode != 0 and codes.get(1) is None, p.stdout + p.stderr
+    assert seconds < 30, f"the job took {seconds:.1f} s to end after a rank was killed"
+    assert [r.name.split("-", 1)[1] for r in _records(train)] == ["1_1.json"]
+    p, codes, _ = run(["verify", train])
+    assert codes == {0: 0}, p.stdout + p.stderr
 
 
 # ---- verify itself on a damaged checkpoint under mpiexec -n 3 -----------------------------------
