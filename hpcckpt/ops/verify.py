@@ -25,7 +25,6 @@ rank that found it. A damaged checkpoint is a result (exit 1), never an exceptio
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from ..comm.wrapper import Comm, as_comm
 from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError, HpcckptError, UsageError
 from ..formats.names import CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST, MS_NAME_MAP
-from ..formats.safetensors import read_header
+from ..formats.safetensors import TensorEntry as Entry, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.tensor import TensorInfo
@@ -403,17 +402,6 @@ def _training_target(p: Path, strategy: Strategy | None, step: str | None) -> Ta
 
 
 # ---- step 2: files ------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A tensor as a header stores it (absolute file offsets)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
 def check_file(root: str, rel: str, rank: int, expect: list[Expect] | None,
                size: int | None, exclusive: bool) -> tuple[list[Problem], list[Entry] | None]:
     """One file's existence, size and header against what is expected of it.
@@ -437,7 +425,7 @@ def check_file(root: str, rel: str, rank: int, expect: list[Expect] | None,
         msg = str(e) if isinstance(e, HpcckptError) else f"{type(e).__name__}: {e}"
         out.append(Problem("header", _strip(msg, path), rel, rank=rank))
         return out, None
-    entries = [Entry(e.name, e.dtype, e.shape, e.begin, e.end) for e in h.tensors.values()]
+    entries = list(h.tensors.values())
     data_end = max((e.end for e in entries), default=h.data_start)
     if st.st_size > data_end and (size is None or size == st.st_size):
         out.append(Problem("size", f"{st.st_size - data_end} byte(s) after the data region "

@@ -3,7 +3,6 @@ messages word for word."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,9 +13,9 @@ import pytest
 import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
 from hpcckpt.ops.filecopy import CopyOptions
-from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.formats.safetensors import read_header
 
-from helpers import make_tensors, run_cli
+from helpers import make_tensors, run_cli, write_safetensors_file
 
 FMT = "hpcckpt.strategy/1"
 TENSORS = {"w": ([6, 4], "F32"), "b": ([6], "F16")}
@@ -30,11 +29,8 @@ def ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("verify_cli")
     full = make_tensors(TENSORS, seed=2)
     (root / "hf").mkdir()
-    head, _ = build_header([(n, TENSORS[n][1], a.shape) for n, a in full.items()])
-    with open(root / "hf" / "model.safetensors", "wb") as f:
-        f.write(head)
-        for a in full.values():
-            f.write(a.tobytes())
+    write_safetensors_file(root / "hf" / "model.safetensors", full,
+                           {n: dt for n, (_, dt) in TENSORS.items()})
     s = strategy_from_dict(DOC, "s")
     write_strategy_yaml(s, root / "s.yaml")
     hpcckpt.split(str(root / "hf"), str(root / "dist"), s,

@@ -2,7 +2,6 @@
 planted defect found (and nothing else), the same report on every rank."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -14,9 +13,9 @@ import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.ops.verify import verify
-from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.formats.safetensors import read_header
 
-from helpers import barrier, make_tensors, rank_size
+from helpers import barrier, flip_bit, make_tensors, rank_size, write_safetensors_file
 
 pytestmark = pytest.mark.mpi
 
@@ -54,12 +53,8 @@ def finite_tensors() -> dict[str, np.ndarray]:
 
 def write_complete(path: Path, tensors: dict[str, np.ndarray]) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    head, _ = build_header([(n, TENSORS[n][1], a.shape) for n, a in tensors.items()],
-                           {"format": "pt"})
-    with open(path / "model.safetensors", "wb") as f:
-        f.write(head)
-        for a in tensors.values():
-            f.write(a.tobytes())
+    write_safetensors_file(path / "model.safetensors", tensors,
+                           {n: dt for n, (_, dt) in TENSORS.items()}, {"format": "pt"})
 
 
 @pytest.fixture
@@ -91,14 +86,6 @@ def damage(fn):
             fn(*args)
         barrier(comm)
     return run
-
-
-def flip_bit(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
 
 
 @pytest.mark.parametrize("kind", ["dist", "dedup", "hf", "hf_sharded", "hf_file", "nomanifest"])
@@ -136,7 +123,7 @@ def test_every_planted_defect_found_and_nothing_else(comm, ckpts):
 
     def plant():
         shutil.copytree(ckpts / "dist", d)
-        flip_bit(r1, e.begin + 3)                                          # a read chunk
+        flip_bit(r1, e.begin + 3, 0x10)                                          # a read chunk
         os.truncate(d / "rank_2" / "model_rank_2.safetensors",
                     os.path.getsize(d / "rank_2" / "model_rank_2.safetensors") - 1)  # 1 byte short
         (d / "rank_3" / "model_rank_3.safetensors").unlink()               # missing
@@ -166,7 +153,7 @@ def test_replica_difference_without_manifest(comm, ckpts):
     def plant():
         shutil.copytree(ckpts / "dist", d)
         os.unlink(d / "manifest.json")
-        flip_bit(r2, e.begin)
+        flip_bit(r2, e.begin, 0x10)
     damage(plant)(comm)
     rep = verify(str(d), comm, strategy=hpcckpt.load_strategy(ckpts / "s.yaml"))
     assert [(p.kind, p.tensor, p.box) for p in rep.problems] == [("replica", "emb", "[0:6, 0:6]")]

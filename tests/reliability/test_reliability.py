@@ -30,16 +30,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.ops.verify import PROBLEM_KINDS
-from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.formats.safetensors import read_header
 
-from helpers import _kill_group, clean_env, find_mpiexec, make_tensors
+from helpers import (RANK_EXIT_WRAP, _kill_group, clean_env, find_mpiexec, flip_bit,
+                     make_tensors, write_safetensors_file)
 
 TIMEOUT = 60
 FMT = "hpcckpt.strategy/1"
@@ -86,26 +86,12 @@ if _spec and _os.environ.get("PMI_RANK", "0") == _spec.split(":")[2]:
     for _n in (("pwrite", "write") if _op == "write" else ("pread", "preadv", "readv", "read")):
         setattr(_os, _n, _wrap(getattr(_os, _n)))
 """
-# hpcckpt's main in each rank, reporting that rank's exit status on stdout
-WRAP = r"""
-import sys
-from hpcckpt.cli.main import main
-try:
-    rc = main(sys.argv[1:])
-except SystemExit as e:
-    rc = e.code if isinstance(e.code, int) else 1
-import os
-from mpi4py import MPI
-sys.stdout.flush()
-os.write(1, f"@@rank-exit {MPI.COMM_WORLD.Get_rank()} {rc}\n".encode())
-sys.exit(rc)
-"""
 
 
 def run(args, n: int = 1, env: dict | None = None, timeout: float = TIMEOUT):
     """``mpiexec -n n`` hpcckpt ARGS with the fault shim; (CompletedProcess, {rank: exit
     code}, seconds). A run that does not end within ``timeout`` is a hang: the test fails."""
-    cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-c", FAULTS + WRAP,
+    cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-c", FAULTS + RANK_EXIT_WRAP,
            *map(os.fspath, args)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=clean_env(env), stdin=subprocess.DEVNULL,
@@ -128,12 +114,8 @@ def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reliability")
     full = make_tensors(TENSORS, seed=11)
     (root / "hf").mkdir()
-    head, _ = build_header([(n, TENSORS[n][1], a.shape) for n, a in full.items()],
-                           {"format": "pt"})
-    with open(root / "hf" / "model.safetensors", "wb") as f:
-        f.write(head)
-        for a in full.values():
-            f.write(a.tobytes())
+    write_safetensors_file(root / "hf" / "model.safetensors", full,
+                           {n: dt for n, (_, dt) in TENSORS.items()}, {"format": "pt"})
     s = strategy_from_dict(DOC, "s")
     write_strategy_yaml(s, root / "s.yaml")
     write_strategy_yaml(strategy_from_dict(TP4, "tp4"), root / "tp4.yaml")
@@ -260,19 +242,11 @@ def test_truncated_read_file_reshard_load_refuse(pristine, dist, tmp_path, cmd):
 
 
 # ---- flipped bits ---------------------------------------------------------------------
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-
-
 @pytest.mark.parametrize("which", ["read", "unread replica"])
 def test_flipped_bit_verify_names_file_tensor_box(dist, which):
     rel = READ if which == "read" else UNREAD
     e = read_header(dist / rel).tensors["w"]
-    _flip(dist / rel, e.begin + 100)
+    flip_bit(dist / rel, e.begin + 100)
     lines = verify_lines(dist)
     want = (f"checksum: {rel}: tensor 'w' chunk [32:64, 0:32]: bytes {e.begin}-{e.end}: "
             "bytes hash to xxh3_64:")
@@ -281,7 +255,7 @@ def test_flipped_bit_verify_names_file_tensor_box(dist, which):
 
 def test_flipped_bit_in_read_chunk_merge_refuses(dist, tmp_path):
     e = read_header(dist / READ).tensors["w"]
-    _flip(dist / READ, e.begin + 100)
+    flip_bit(dist / READ, e.begin + 100)
     refuses(["merge", dist, tmp_path / "out"], READ)
 
 
@@ -527,6 +501,7 @@ def test_kill9_one_rank_mid_write(pristine, dist, tmp_path, cmd):
     assert p.returncode != 0, p.stdout
     assert seconds < 30, f"the job took {seconds:.1f} s to end after a rank was killed"
     assert codes.get(1) is None, "rank 1 was not killed"
+    print(f"kill -9 mid-{cmd}: the job ended in {seconds:.1f} s")
     _nothing_complete_after_kill(out)
     assert tree_bytes(dist) == before and tree_bytes(pristine / "hf") == src_hf
 
@@ -560,9 +535,9 @@ def test_kill9_one_rank_mid_save(pristine, tmp_path):
 # ---- verify itself on a damaged checkpoint under mpiexec -n 3 -----------------------------------
 def test_verify_damaged_checkpoint_three_ranks(dist):
     e1 = read_header(dist / READ).tensors["w"]
-    _flip(dist / READ, e1.begin + 7)                       # checksum, read file
+    flip_bit(dist / READ, e1.begin + 7)                       # checksum, read file
     e3 = read_header(dist / UNREAD).tensors["b"]
-    _flip(dist / UNREAD, e3.begin)                         # checksum, unread replica
+    flip_bit(dist / UNREAD, e3.begin)                         # checksum, unread replica
     truncate_to(dist / "rank_2/model_rank_2.safetensors", 0)          # empty
     (dist / "strategy.yaml").unlink()                                 # missing
     problems, _ = verify_problems(dist, n=3)
