@@ -14,6 +14,7 @@ import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.formats.safetensors import read_header
+from hpcckpt.storage.manifest import read_manifest
 
 from helpers import make_tensors, run_cli, write_safetensors_file
 
@@ -65,16 +66,17 @@ def test_json_one_line(ckpt):
 
 def test_coverage_and_mismatch_found(ckpt, tmp_path):
     d = copy(ckpt, tmp_path)
-    m = json.loads((d / "manifest.json").read_text())
+    m = read_manifest(d).expanded()   # format 1: every chunk listed, so one can be dropped
     chunks = m["tensors"]["w"]["chunks"]               # w's [3:6, 0:4] box, ranks 1 and 3
-    dropped = chunks[1]
-    m["tensors"]["w"]["chunks"] = [c for c in chunks if c["offsets"] != dropped["offsets"]]
+    dropped = [c for c in chunks if c["offsets"] == [3, 0]]
+    m["tensors"]["w"]["chunks"] = [c for c in chunks if c["offsets"] != [3, 0]]
     m["tensors"]["b"]["dtype"] = "BF16"                  # every b header disagrees
     (d / "manifest.json").write_text(json.dumps(m))
     p = run_cli(["verify", d, "--quick"])
     assert p.returncode == 1, p.stderr
     lines = [ln.strip() for ln in p.stdout.splitlines()[3:-1]]
-    assert dropped["file"] == "rank_1/model_rank_1.safetensors"
+    assert [c["file"] for c in dropped] == ["rank_1/model_rank_1.safetensors",
+                                            "rank_3/model_rank_3.safetensors"]
     b0 = read_header(d / "rank_0" / "model_rank_0.safetensors").tensors["b"]
     w1 = read_header(d / "rank_1" / "model_rank_1.safetensors").tensors["w"]
     assert lines[0] == ("mismatch: rank_0/model_rank_0.safetensors: tensor 'b' chunk [0:2]: "

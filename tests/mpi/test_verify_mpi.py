@@ -132,7 +132,12 @@ def test_every_planted_defect_found_and_nothing_else(comm, ckpts):
     got = sorted((p.kind, p.file, p.tensor) for p in rep.problems)
     assert got == [("checksum", "rank_1/model_rank_1.safetensors", "emb"),
                    ("header", "rank_2/model_rank_2.safetensors", None),
-                   ("missing", "rank_3/model_rank_3.safetensors", None)]
+                   ("missing", "rank_3/model_rank_3.safetensors", None),
+                   ("size", "rank_2/model_rank_2.safetensors", None)]
+    size = (d / "rank_2" / "model_rank_2.safetensors").stat().st_size
+    short = next(p for p in rep.problems if p.kind == "size")
+    assert (short.message, short.byte_range) == (
+        f"file is {size} bytes, the manifest records {size + 1}", (size, size + 1))
     flipped = next(p for p in rep.problems if p.kind == "checksum")
     assert flipped.box == "[6:12, 0:6]" and flipped.byte_range == (e.begin, e.end)
     # every rank holds the same report
@@ -141,7 +146,8 @@ def test_every_planted_defect_found_and_nothing_else(comm, ckpts):
     quick = verify(str(d), comm, deep=False)
     assert sorted((p.kind, p.file) for p in quick.problems) == [
         ("header", "rank_2/model_rank_2.safetensors"),
-        ("missing", "rank_3/model_rank_3.safetensors")]
+        ("missing", "rank_3/model_rank_3.safetensors"),
+        ("size", "rank_2/model_rank_2.safetensors")]
 
 
 def test_replica_difference_without_manifest(comm, ckpts):
