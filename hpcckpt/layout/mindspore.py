@@ -520,10 +520,10 @@ def _check_devices(s: MsStrategy) -> MsStrategy:
 
 
 # ---- merging per-stage files as MindSpore does -------------------------------------
-def merge_stage_files(directory: str | Path, out: str | Path) -> list[MsStageFile]:
+def merge_stage_files(directory: str | Path, out: str | Path | None) -> list[MsStageFile]:
     """``hpcckpt strategy merge``: MindSpore's ``merge_pipeline_strategys`` output, with
     files taken in stage order and a duplicate or missing stage refused. Returns the
-    files merged."""
+    files merged (``out=None``: checked and merged, not written, for --dry-run)."""
     directory = Path(directory)
     paths = stage_files(directory)
     parsed = [read_stage_file(p) for p in paths]
@@ -549,8 +549,9 @@ def merge_stage_files(directory: str | Path, out: str | Path) -> list[MsStageFil
                 doc["parallel_layout_item"][f"{f.stage}-{name}"] = item
             doc["parallel_strategy_item"].update(src["parallel_strategy_item"])
         data = json.dumps(doc).encode()
-    from ..storage.atomic import atomic_write_bytes
-    atomic_write_bytes(out, data)
+    if out is not None:
+        from ..storage.atomic import atomic_write_bytes
+        atomic_write_bytes(out, data)
     return files
 
 
