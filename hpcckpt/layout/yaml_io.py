@@ -98,7 +98,8 @@ def _tensor(name: str, e: object, mesh: Mesh, where: str) -> TensorSpec:
     zero = e.get("zero")
     if zero is not None:
         if not isinstance(zero, str) or zero not in mesh.sizes:
-            raise StrategyError(f"{at}: unknown zero axis {quote(zero)} (mesh axes: {', '.join(mesh.names)})")
+            raise StrategyError(f"{at}: unknown zero axis {quote(zero)} "
+                                f"(mesh axes: {', '.join(mesh.names)})")
         if any(zero in axes for axes in split):
             raise StrategyError(f"{at}: zero axis {zero!r} is also used in 'split'")
         if not shape:

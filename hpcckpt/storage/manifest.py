@@ -55,9 +55,6 @@ class ManifestChunk:
     file: str           #: relative to the checkpoint root
     checksum: str       #: "xxh3_64:<16 hex digits>" of the chunk's stored bytes
 
-    def to_dict(self) -> dict:
-        return {**self.box.to_dict(), "file": self.file, "checksum": self.checksum}
-
 
 @dataclass(frozen=True, slots=True)
 class ManifestTensor:
@@ -136,7 +133,8 @@ def _derive(layout: Strategy, t: ManifestTensor, fid: dict[str, int]) -> dict | 
         if g is None or len({s for _, s in g}) != 1:
             return None
         s = g[0][1]
-        if not (isinstance(s, str) and s.startswith(_PREFIX) and _HEX16.fullmatch(s[len(_PREFIX):])):
+        if not (isinstance(s, str) and s.startswith(_PREFIX)
+                and _HEX16.fullmatch(s[len(_PREFIX):])):
             return None
         held = sorted(f for f, _ in g)
         if held == list(ranks):
@@ -226,15 +224,6 @@ class ManifestIndex:
         self.layout = layout
 
     # ---- chunks -------------------------------------------------------------
-    def chunks(self, name: str) -> list[tuple[Box, str]]:
-        """(box, file) of every stored copy of a chunk of tensor ``name``."""
-        return [(b, f) for b, f, _ in self.records(name)]
-
-    def checksums(self, name: str) -> list[str | None]:
-        """The recorded checksum of each chunk of ``name``, in ``chunks(name)``'s order
-        (None where a chunk records none or not as a string): what readers verify."""
-        return [s for _, _, s in self.records(name)]
-
     def records(self, name: str) -> list[tuple[Box, str, str | None]]:
         """(box, file, checksum) of every stored copy of a chunk of ``name``; boxes of
         zero volume (nothing stored) may be left out."""
@@ -251,7 +240,8 @@ class ManifestIndex:
                               f"{type(e).__name__}: {e}") from None
         return self._derived(name, t)
 
-    def derived_chunks(self, name: str) -> list[tuple[Box, tuple[str, ...], tuple[str, ...]]] | None:
+    def derived_chunks(self, name: str
+                       ) -> list[tuple[Box, tuple[str, ...], tuple[str, ...]]] | None:
         """(box, files, checksums) per distinct box of a tensor whose chunks the strategy
         gives (format 2 without a chunk list), files in rank order; None for a tensor
         listing its chunks. Such chunks tile the tensor by construction (the strategy

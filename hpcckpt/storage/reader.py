@@ -19,7 +19,10 @@ Writing a reader
    them once and broadcasts their bytes (``open_input(..., comm=)``); ``open`` gets them
    through ``meta.read``, which falls back to the local filesystem for anything else.
 4. ``open(path, strategy, lazy, meta)`` (classmethod): build the reader. Read metadata
-   only through ``meta``. Set the attributes below.
+   only through ``meta`` (``meta or MetaFiles()``: None means this process's filesystem).
+   Set the attributes below. A source that records chunk checksums puts them in
+   ``SourceChunk.checksums`` (one per file), and ``ChunkReader`` verifies a chunk it
+   reads whole against them.
 5. ``read_region(file, tensor, box, offset, views)``: fill ``views`` in order with the
    stored chunk's bytes from ``offset`` on. A chunk's bytes are its box's elements in
    row-major (C) order and the dtype's little-endian safetensors encoding, exactly what a
@@ -32,6 +35,8 @@ Writing a reader
 
 A reader built in memory (no path) is passed straight to the ops: ``open_input`` returns
 any ``CheckpointReader`` it is given unchanged, so ``hpcckpt.merge(reader, out)`` works.
+``tests/unit/test_readers.py`` has two small examples: a rank-sharded state held in
+numpy arrays, and a ``.npz`` reader registered for paths.
 
 The attributes every reader sets:
 
@@ -56,7 +61,8 @@ from typing import ClassVar
 from ..errors import CheckpointIOError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..planning.sources import SourceIndex, TensorInfo
+from ..layout.tensor import TensorInfo
+from ..planning.sources import SourceIndex
 
 
 #: every metadata file this process read from disk, in order (the tests count them)

@@ -66,7 +66,8 @@ def test_absurd_mesh_is_refused_before_anything_iterates(tmp_path):
 
 @pytest.mark.timeout(20)
 def test_absurd_shapes_are_refused(tmp_path):
-    text = HEAD + "mesh: {tp: 2}\ntensors:\n  w: {shape: [1000000000000, 1000000000000], dtype: F32}\n"
+    text = (HEAD + "mesh: {tp: 2}\ntensors:\n"
+            "  w: {shape: [1000000000000, 1000000000000], dtype: F32}\n")
     assert strategy_error(tmp_path, text) == (
         "s.yaml: tensor 'w': F32 [1000000000000, 1000000000000] would hold "
         "4000000000000000000000000 bytes; at most 9223372036854775807 are supported")
@@ -101,7 +102,8 @@ def test_duplicate_tensor_keys_in_strategy_yaml(tmp_path):
             "  b: {shape: [4], dtype: F32}\n  w: {shape: [4, 4], dtype: F32}\n")
     assert strategy_error(tmp_path, text) == "s.yaml: duplicate key 'w' at line 6 (first at line 4)"
     text = HEAD + "mesh: {tp: 2, tp: 4}\ntensors: {}\n"
-    assert strategy_error(tmp_path, text) == "s.yaml: duplicate key 'tp' at line 2 (first at line 2)"
+    assert strategy_error(tmp_path, text) == \
+        "s.yaml: duplicate key 'tp' at line 2 (first at line 2)"
 
 
 def test_yaml_merge_keys_are_not_duplicates(tmp_path):

@@ -99,7 +99,9 @@ class NpzReader(CheckpointReader):
 def test_merge_from_an_in_memory_reader(tmp_path):
     strategy = hpcckpt.strategy_from_dict(STRATEGY)
     full = full_arrays()
-    state = {r: {t.name: full[t.name][tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))] for t, box in strategy.rank_boxes(r)}
+    state = {r: {t.name: full[t.name][tuple(slice(o, o + n) for o, n in zip(box.offsets,
+                                                                              box.sizes))]
+                 for t, box in strategy.rank_boxes(r)}
              for r in range(strategy.world_size)}
     reader = RankStateReader(strategy, state)
     hpcckpt.merge(reader, str(tmp_path / "out"), options=OPTS)
