@@ -26,6 +26,9 @@ MAX_MPI_MESSAGE = (1 << 31) - 1
 #: send + receive buffers per rank per round: with the copy buffer and the reader's
 #: scratch (4 MiB each) a node-local reshard of W1 peaks at 115 MiB per rank
 DEFAULT_BUDGET = 64 << 20
+#: load's default: it keeps every slice it holds, and its peak RSS is meant to stay
+#: within 100 MiB of those (interpreter and libraries take about 50)
+DEFAULT_LOAD_BUDGET = 32 << 20
 DEFAULT_MAX_MESSAGE = 1 << 30
 
 #: fill(receiver, stream_offset, out_view) writes the next bytes of my stream to receiver

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Mapping
 
-from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
+from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_LOAD_BUDGET, DEFAULT_MAX_MESSAGE
 from ..comm.wrapper import Comm, as_comm
 from ..dtypes import numpy_dtype
 from ..errors import FormatError, UsageError
@@ -85,7 +85,7 @@ def _byte_view(a, t, box: Box, rank: int):
 
 
 def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None,
-         budget: int = DEFAULT_BUDGET, max_message: int = DEFAULT_MAX_MESSAGE,
+         budget: int = DEFAULT_LOAD_BUDGET, max_message: int = DEFAULT_MAX_MESSAGE,
          buffer_size: int = DEFAULT_BUFFER, stats: dict | None = None,
          src_strategy: Strategy | None = None) -> dict:
     """This rank's slices of every tensor under ``strategy``, from any checkpoint.

@@ -13,7 +13,7 @@ from ..layout.strategy import Strategy
 from ..storage.inputs import open_source
 from .common import check_tensors_match
 from .compare import compare_slices
-from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
+from ..comm.rounds import DEFAULT_LOAD_BUDGET, DEFAULT_MAX_MESSAGE
 from ..planning.route_plans import plan_load, plan_summary
 from .filecopy import DEFAULT_BUFFER
 from .in_memory import check_world, load
@@ -22,7 +22,7 @@ from .result import OpResult
 
 def load_job(path: str, strategy: Strategy, comm: Comm, *, against: str | None = None,
              src_strategy: Strategy | None = None, dry_run: bool = False,
-             buffer_size: int = DEFAULT_BUFFER, budget: int = DEFAULT_BUDGET,
+             buffer_size: int = DEFAULT_BUFFER, budget: int = DEFAULT_LOAD_BUDGET,
              max_message: int = DEFAULT_MAX_MESSAGE) -> OpResult:
     t0 = time.perf_counter()
     if dry_run:
