@@ -21,6 +21,7 @@ from ..layout.box import Box
 from ..planning.runs import StridedRuns
 from ..layout.tensor import TensorInfo
 from ..planning.sources import SourceChunk
+from ..formats.names import CHECKSUM_PREFIX
 from ..formats.safetensors import SafetensorsHeader, read_header
 from .fileio import FileHandles, pread_into, preadv_into, pwrite_all
 
@@ -189,7 +190,7 @@ class ChunkReader:
             self._hashing[key] = (done, h)
             return
         self._hashing.pop(key, None)
-        got, want = "xxh3_64:" + h.hexdigest(), chunk.checksums[replica]
+        got, want = CHECKSUM_PREFIX + h.hexdigest(), chunk.checksums[replica]
         if got != want:
             raise FormatError(f"{path}: tensor {t.name!r} chunk {chunk.box}: checksum mismatch "
                               f"(the bytes read hash to {got}, the manifest records {want}): "
@@ -250,6 +251,12 @@ class ChunkReader:
 
     def close(self) -> None:
         self.handles.close()
+
+
+def verify_totals(per_rank) -> dict:
+    """Job totals of the chunk checksum counters (``ChunkReader.verify_counts``)."""
+    keys = ("chunks_verified", "chunks_read_in_part")
+    return {k: sum(r.get(k, 0) for r in per_rank) for k in keys}
 
 
 def write_runs_to_file(fd: int, path: str, begin: int, sr: StridedRuns, src,

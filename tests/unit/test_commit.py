@@ -19,7 +19,7 @@ from hpcckpt.layout.box import Box
 from hpcckpt.ops.commit import OutputCommit, WriteOptions
 from hpcckpt.planning.outputs import WritePiece, make_file
 from hpcckpt.storage.lock import LOCK_NAME
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 
 FAST = WriteOptions(fsync=False, progress=False)
 
@@ -210,7 +210,7 @@ def test_write_errors_name_the_file_and_leave_nothing(tmp_path, monkeypatch):
         if offset > 0 and len(data) == 48:   # the first tile of rank_0/a's data
             raise OSError(28, "No space left on device")
         return real(fd, data, offset)
-    monkeypatch.setattr("hpcckpt.storage.safetensors_io.os.pwrite", full)
+    monkeypatch.setattr("hpcckpt.storage.fileio.os.pwrite", full)
     files = _files()
     with pytest.raises(CheckpointIOError) as e:
         _write(out, files)
