@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shlex
 import sys
 
@@ -127,16 +128,25 @@ def run_render(args, comm):
     verb_args = _split_rest(args)
     opts = JobOptions(nodes=args.nodes, tasks_per_node=args.tasks_per_node, time=args.time,
                       partition=args.partition, account=args.account, job_name=args.job_name,
-                      mpi=args.mpi, env=args.env, log_dir=args.log_dir, array=args.array,
+                      mpi=args.mpi, env=os.path.abspath(args.env), log_dir=args.log_dir, array=args.array,
                       settings=_pairs(args.set, "--set"), sbatch=_pairs(args.sbatch, "--sbatch"),
                       command=shlex.join(["hpcckpt", *sys.argv[1:]]))
     if verb_args is not None:
         _check_verb_args(args.verb, verb_args)
     script = render(args.verb, verb_args, opts)
     sys.stdout.write(script)
+    given = {name for name, _ in opts.settings}
+    if args.verb == "save" and not {"CHECKPOINT_DIR", "LAST_STEP"} <= given:
+        print("hpcckpt jobs render: note: save needs --set CHECKPOINT_DIR=... --set "
+              "LAST_STEP=... (the manager's directory, the training's last step)",
+              file=sys.stderr)
+    if args.log_dir is not None and not os.path.isdir(args.log_dir):
+        print(f"hpcckpt jobs render: note: --log-dir {args.log_dir} does not exist here; "
+              "create it before submitting (SLURM opens the job's .out before the script "
+              "runs)", file=sys.stderr)
     if verb_args is None:
-        print(f"hpcckpt jobs render: note: no arguments after `--`: ARGS keeps the template's "
-              f"example paths; edit them before submitting", file=sys.stderr)
+        print("hpcckpt jobs render: note: no arguments after `--`: ARGS keeps the template's "
+              "example paths; edit them before submitting", file=sys.stderr)
     return None
 
 

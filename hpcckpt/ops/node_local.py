@@ -46,7 +46,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     per_rank_out = my_out != out or comm.size == 1
     simulated = getattr(comm, "simulated", False)
     with comm.step("plan"):
-        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True)
+        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True, shared=False)
         if inp.kind != "distributed" or (inp.manifest is None and not simulated):
             raise UsageError(f"{my_in}: --node-local needs a distributed checkpoint with its "
                              f"{MANIFEST} on every node")
@@ -86,7 +86,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
         return OpResult.from_rows("reshard", out, strategy.world_size, per_rank,
                                   time.perf_counter() - t0, comm.size, dry_run=True,
                                   extra={"transport": "node-local", "simulated": simulated})
-    reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
+    reader = ChunkReader(inp, scratch_bytes=options.buffer_size)
     # the records (strategy, manifest) list every file: rank 0 alone laid them all out
     records = (lambda sums: distributed_records(strategy, list(files.values()), sums, dedup,
                                                 prefix))

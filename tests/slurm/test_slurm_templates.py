@@ -1,7 +1,7 @@
 """Every job template on a one-node SLURM: rendered, submitted, waited for, checked bit-exact.
 
-The chain split -> merge -> reshard -> load -> verify runs as four-task jobs on one small
-model; each output is compared byte for byte with what the same operation writes in this
+The chain split -> merge -> reshard -> load -> verify runs as jobs of 2 to 4 tasks (any job
+size works; load's is its strategy's) on one small model; each output is compared byte for byte with what the same operation writes in this
 process, or with the model itself. Templates of commands this hpcckpt does not have yet
 (verify, convert, save: other issues) are skipped, naming the missing command.
 """
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import start_cluster
-from jobkit import (FULL, check_merged, copy_tree, has_verb,
+from cluster import start_cluster
+from jobkit import (FULL, check_merged, copy_tree, has_verb, preempt_training,
                     ok, reference_reshard, reference_split, run_job, same_tree, verb_help,
                     write_model)
 
@@ -43,7 +42,7 @@ def test_split_job(cluster, work):
     d = work["dir"]
     run = ok(run_job(cluster, "split", [work["model"], d / "dist", "--strategy", work["dp2tp2"],
                                         "--dedup"], d))
-    assert run.summary["op"] == "split" and run.summary["world_size"] == 4
+    assert run.summary["op"] == "split" and run.summary["world_size"] == 2
     assert "hpcckpt job hpcckpt-split-" in run.out and "by srun --mpi=pmi2" in run.out
     same_tree(d / "dist", reference_split(work["model"], work["dp2tp2"], d / "ref_dist",
                                           dedup=True))
@@ -53,7 +52,7 @@ def test_merge_job(cluster, work):
     d = work["dir"]
     run = ok(run_job(cluster, "merge", [_need(d / "dist", "split's output"), d / "merged",
                                         "--max-shard-size", "8KB"], d))
-    assert run.summary["op"] == "merge" and run.summary["world_size"] == 4
+    assert run.summary["op"] == "merge" and run.summary["world_size"] == 2
     assert len(list((d / "merged").glob("model-*-of-*.safetensors"))) > 1  # several shards
     check_merged(d / "merged")
 
@@ -62,14 +61,15 @@ def test_reshard_job(cluster, work):
     d = work["dir"]
     dist = _need(d / "dist", "split's output")
     ok(run_job(cluster, "reshard", [dist, d / "dist_tp3", "--strategy", work["tp3"]], d,
-               tasks_per_node=2))
+               tasks_per_node=3))
     same_tree(d / "dist_tp3", reference_reshard(dist, work["tp3"], d / "ref_tp3"))
 
 
 def test_load_job(cluster, work):
     d = work["dir"]
     run = ok(run_job(cluster, "load", [_need(d / "dist_tp3", "reshard's output"), "--strategy",
-                                       work["dp2tp2"], "--against", work["model"]], d))
+                                       work["dp2tp2"], "--against", work["model"]], d,
+                     tasks_per_node=4))
     s = run.summary
     assert s["op"] == "load" and s["world_size"] == 4 and s["identical"] is True
     # every rank compared its slices with the model: the strategy's bytes, replicas included
@@ -143,24 +143,9 @@ def test_save_template_requeues_and_resumes(cluster, work, tmp_path):
     SIGUSR1 to the batch shell -> forwarded to the task -> a save of the current step ->
     scontrol requeue -> the next run resumes from that step; the state proves it."""
     ckpt, last = tmp_path / "ckpt", 40
-    from hpcckpt.jobs import JobOptions, render
-    script = render("save", [sys.executable, HERE / "standin_train.py", ckpt, str(last), "5",
-                             "0.15"],
-                    JobOptions(nodes=1, tasks_per_node=1, time="00:10:00", env=sys.prefix,
-                               log_dir=str(tmp_path), settings=(("CHECKPOINT_DIR", str(ckpt)),
-                                                                ("LAST_STEP", str(last)))))
-    job = cluster.sbatch(script, tmp_path)
-    meta = ckpt / "rank_0" / "meta.json"
-    deadline = time.monotonic() + 60
-    while not meta.exists():  # a first commit (step 5)
-        assert time.monotonic() < deadline, cluster.job(job)
-        time.sleep(0.1)
-    cluster.run(["scancel", "--signal=USR1", "--batch", job])
-    info = cluster.wait(job, timeout=180)
-    out = Path(info["StdOut"]).read_text()
-    err = Path(info["StdErr"]).read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{out}\n{err}"
-    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    info, out, events = preempt_training(
+        cluster, [sys.executable, HERE / "standin_train.py", ckpt, last, 5, 0.15], ckpt, last,
+        tmp_path, nodes=1, tasks_per_node=1)
     preempt = [e for e in events if e.get("preempted")]
     assert len(preempt) == 1, out
     p = preempt[0]["committed"]
@@ -173,3 +158,32 @@ def test_save_template_requeues_and_resumes(cluster, work, tmp_path):
     assert "SIGUSR1: forwarding it to the training step" in out
     assert f"stopped at committed step {p} of {last}; requeueing" in out
     assert f"finished at step {last}" in out
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("HPCCKPT_SRUN_MPI", "pmi9", "hpcckpt job: error: srun has no --mpi=pmi9 here; `srun "
+     "--mpi=list` offers: MPI plugin types are... pmix none cray_shasta pmi2 specific pmix "
+     "plugin versions available pmix_v4"),
+    ("HPCCKPT_ENV", "/nonexistent/venv", "hpcckpt job: error: /nonexistent/venv/bin/hpcckpt is "
+     "not executable: set HPCCKPT_ENV to the environment (venv) where hpcckpt is installed"),
+])
+def test_a_misconfigured_job_stops_before_launching(cluster, work, tmp_path, setting, value,
+                                                    message):
+    run = run_job(cluster, "merge", [work["dir"] / "dist", tmp_path / "merged"], tmp_path,
+                  settings=[(setting, value)])
+    assert run.state == "FAILED" and run.exit_code == 2, run.describe()
+    assert run.err.strip() == message
+    assert not (tmp_path / "merged").exists()
+
+
+def test_save_template_never_requeues_a_run_that_committed_nothing(cluster, tmp_path):
+    # CHECKPOINT_DIR names another directory than the one the training writes
+    wrong = tmp_path / "not_the_checkpoint"
+    run = run_job(cluster, "save", [sys.executable, HERE / "standin_train.py", tmp_path / "ckpt",
+                                    "3", "1", "0.01"], tmp_path, tasks_per_node=1,
+                  settings=[("CHECKPOINT_DIR", str(wrong)), ("LAST_STEP", "3")])
+    assert run.state == "FAILED" and run.exit_code == 1 and run.info["Restarts"] == "0", \
+        run.describe()
+    assert run.err.strip().endswith(
+        f"the training exited 0 but {wrong}/rank_0/meta.json does not exist: is CHECKPOINT_DIR "
+        "the save manager's directory? Not requeueing")
