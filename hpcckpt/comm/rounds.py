@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..errors import RankFailure
+from . import interrupts
 from .wrapper import Comm, describe
 
 MAX_MPI_MESSAGE = (1 << 31) - 1
@@ -45,7 +46,15 @@ def exchange_streams(comm: Comm, send_totals: Sequence[int], recv_totals: Sequen
     """Move every stream to completion. Returns counters: rounds, bytes_sent, bytes_received.
 
     Plain Python integers and bytearrays: the bookkeeping is O(size) per round, and the
-    bytes move through the buffers without numpy (see hpcckpt.dtypes)."""
+    bytes move through the buffers without numpy (see hpcckpt.dtypes). A SIGTERM or
+    SIGINT received meanwhile ends the rounds like any error (``comm.interrupts``): no
+    rank leaves them while the others are still in a collective."""
+    with interrupts.deferred():
+        return _exchange(comm, send_totals, recv_totals, fill, drain, align, budget,
+                         max_message, step)
+
+
+def _exchange(comm, send_totals, recv_totals, fill, drain, align, budget, max_message, step):
     size = comm.size
     budget = max(64, min(int(budget) // 2, MAX_MPI_MESSAGE))  # per direction
     max_message = max(16, min(int(max_message), MAX_MPI_MESSAGE))
@@ -58,6 +67,8 @@ def exchange_streams(comm: Comm, send_totals: Sequence[int], recv_totals: Sequen
     error: str | None = None
     rounds = 0
     while True:
+        if error is None and interrupts.pending():
+            error = interrupts.pending()
         # 1. offers (as receiver) + status
         want = [t - r for t, r in zip(recv_totals, recvd)]
         offers = [0] * size

@@ -150,7 +150,8 @@ def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None
         stats.update(per_rank=comm.allgather({"rank": comm.rank, "bytes_read": reader.bytes_read,
                                               "bytes_received": st.bytes_received,
                                               "bytes_sent": st.bytes_sent,
-                                              "bytes_local": st.bytes_local}),
+                                              "bytes_local": st.bytes_local,
+                                              **reader.verify_counts()}),
                      rounds=st.rounds, seconds=comm.allreduce_max(time.perf_counter() - t0),
                      unique_bytes=strategy.unique_bytes, files=len(inp.files))
     return out
