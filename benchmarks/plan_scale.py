@@ -9,9 +9,12 @@ source strategy) and reports that rank's planning time and the process's peak RS
 next to the RSS of a process that only parses the two strategies.
 
 ``--with-manifest`` also writes the source checkpoint's manifest.json and strategy.yaml
-(no data files; 370,176 chunks, 70 MiB) and plans against them, as a real job does: the
-planning time then includes reading the manifest. It also times what a real writer of
-a shared-filesystem reshard adds, laying out every destination file.
+(no data files; 370,176 stored chunks: 4 MiB in manifest format 2, 70 MiB in format 1)
+and plans against them, as a real job does: the planning time then includes reading
+the manifest. It also times what a real writer of a shared-filesystem reshard adds,
+laying out every destination file. "plan CPU s" is the process's CPU time beyond a
+process that only imports hpcckpt and parses both strategies: on a shared machine the
+wall time swings with other processes' load, CPU time much less.
 
 Llama-2-70B shapes: hidden 8192, MLP 28672, 64 query heads and 8 KV heads of 128,
 vocabulary 32000, 80 layers. Every parameter (bf16) has three fp32 optimizer states
@@ -75,6 +78,10 @@ def strategy_dict(mesh: dict[str, int]) -> dict:
 PEAK_RSS_KIB = ("next((int(l.split()[1]) for l in open('/proc/self/status') if "
                 "l.startswith('VmHWM')), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
 
+#: the child's user + system CPU seconds: on a shared machine wall time swings with the
+#: load of other processes, CPU time much less
+CPU_SECONDS = "sum(resource.getrusage(resource.RUSAGE_SELF)[:2])"
+
 SOURCE_MESH = {"dp": 16, "pp": 8, "tp": 8}
 DEST_MESH = {"pp": 16, "tp": 4, "dp": 16}
 
@@ -137,27 +144,31 @@ def main(argv=None) -> int:
              "load": ["load", missing, "--strategy", dst, "--src-strategy", src]}
     # baseline: a process that imports hpcckpt and parses both strategies
     code = ("import resource, hpcckpt; [hpcckpt.load_strategy(p) for p in %r]; "
-            "print(%s)" % ([src, dst], PEAK_RSS_KIB))
-    base = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                              text=True).stdout) / 1024
-    print(f"baseline (import + parse both strategies): peak RSS {base:.0f} MiB\n")
-    print("| mode | rank | plan s | peak RSS MiB | read | sent | received | files opened |")
-    print("|---|---|---|---|---|---|---|---|")
+            "print(%s, %s)" % ([src, dst], PEAK_RSS_KIB, CPU_SECONDS))
+    base, base_cpu = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                    text=True).stdout.split()
+    base, base_cpu = int(base) / 1024, float(base_cpu)
+    print(f"baseline (import + parse both strategies): peak RSS {base:.0f} MiB, "
+          f"CPU {base_cpu:.2f} s\n")
+    print("| mode | rank | plan s | plan CPU s | peak RSS MiB | read | sent | received "
+          "| files opened |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode, cmd in modes.items():
         times = []
         for r in args.ranks:
             code = ("import resource, sys, runpy; sys.argv = ['hpcckpt'] + %r; "
                     "from hpcckpt.cli.main import main; rc = main(sys.argv[1:]); "
-                    "print('RSS', %s)"
+                    "print('RSS', %s, %s)"
                     % (cmd + ["--dry-run", "--json", "--simulate-world", "1024",
-                              "--simulate-rank", str(r)], PEAK_RSS_KIB))
+                              "--simulate-rank", str(r)], PEAK_RSS_KIB, CPU_SECONDS))
             out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                  text=True).stdout.splitlines()
             res = json.loads(out[0])
             rss = int(out[1].split()[1]) / 1024
+            cpu = float(out[1].split()[2]) - base_cpu   # the process's CPU beyond the baseline
             row = res["per_rank"][0]
             times.append(row["plan_seconds"])
-            print(f"| {mode} | {r} | {row['plan_seconds']:.2f} | {rss:.0f} | "
+            print(f"| {mode} | {r} | {row['plan_seconds']:.2f} | {cpu:.2f} | {rss:.0f} | "
                   f"{row['bytes_read'] / 2**30:.2f} GiB | {row.get('bytes_sent', 0) / 2**30:.2f} GiB"
                   f" | {row.get('bytes_received', 0) / 2**30:.2f} GiB | {row['source_files']} |")
         print(f"<!-- {mode}: median plan {statistics.median(times):.2f} s -->")

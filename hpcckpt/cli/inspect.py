@@ -6,7 +6,7 @@ import json
 
 from ..layout.loader import load_strategy
 from ..units import format_bytes
-from .common import examples
+from .common import add_output_options, examples
 
 HELP = "describe a checkpoint (any kind) or a strategy"
 EXAMPLES = examples("""
@@ -22,17 +22,20 @@ def register(sub) -> None:
     p.add_argument("path")
     p.add_argument("--strategy", help="strategy for a distributed checkpoint without manifest")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
-    p.add_argument("--json", action="store_true")
+    add_output_options(p, reads_only=True)
     p.set_defaults(run=run)
 
 
 def run(args, comm):
     from ..ops.inspect import describe_path  # on use: start-up is every rank's wall time
     with comm.step("inspect"):
-        strategy = load_strategy(args.strategy) if args.strategy else None
+        strategy = load_strategy(args.strategy, shapes_from=args.path) if args.strategy else None
         info = describe_path(args.path, strategy, args.tensors) if comm.rank == 0 else None
     if comm.rank == 0:
         print(json.dumps(info) if args.json else render(info))
+    # exit status 1 on every rank when the checkpoint is not complete (its report says why)
+    if comm.bcast(comm.rank == 0 and info.get("complete") is False):
+        raise SystemExit(1)
     return None
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from ..errors import FormatError
+from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
 from ..planning.outputs import OutputFile
 from ..planning.sources import SourceIndex
 from ..storage.atomic import json_bytes
-from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
 from ..storage.manifest import Manifest, ManifestChunk, ManifestTensor
 
 
@@ -37,7 +37,8 @@ def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[
     tensors = tuple(ManifestTensor(t.name, t.shape, t.dtype, tuple(chunks[t.name]))
                     for t in strategy.tensors)
     return Manifest(strategy.world_size, "dedup" if dedup else "full", tensors,
-                    tuple(f.path for f in files), STRATEGY_FILE, prefix)
+                    tuple(f.path for f in files), STRATEGY_FILE, prefix,
+                    tuple(f.size for f in files), strategy)
 
 
 def rank_dirs_of(strategy: Strategy) -> list[str]:
@@ -53,4 +54,3 @@ def distributed_records(strategy: Strategy, files: list[OutputFile],
     manifest = build_manifest(strategy, files, checksums, dedup, prefix)
     return [(STRATEGY_FILE, strategy_to_yaml(strategy).encode()),
             (MANIFEST, json_bytes(manifest.to_dict()))]
-

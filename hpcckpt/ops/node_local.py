@@ -27,6 +27,7 @@ from ..storage.chunkio import ChunkReader, write_runs_to_file
 from ..storage.fileio import pwrite_all, start_writeback
 from ..storage.inputs import open_source, rank_dirs
 from .common import build_manifest, check_tensors_match
+# the write protocol's legacy copy, until node-local writes through ops.commit
 from .filecopy import (CopyOptions, create_partial, fsync_fd, hash_entry, open_rw,
                        prepare_output_dir, remove_files, rename_partials)
 from .result import OpResult
@@ -51,7 +52,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     per_rank_out = my_out != out or comm.size == 1
     simulated = getattr(comm, "simulated", False)
     with comm.step("plan"):
-        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True)
+        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True, shared=False)
         if inp.kind != "distributed" or (inp.manifest is None and not simulated):
             raise UsageError(f"{my_in}: --node-local needs a distributed checkpoint with its "
                              f"{MANIFEST} on every node")
@@ -94,7 +95,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     prepare_output_dir(comm, my_out, options.overwrite, (MANIFEST,), inputs=(my_in,),
                        mine=per_rank_out or comm.rank == 0)
     created: list[str] = []
-    reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
+    reader = ChunkReader(inp, scratch_bytes=options.buffer_size)
     fds: dict[int, int] = {}
     try:
         with comm.step("create files"):

@@ -20,7 +20,7 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
     """
     comm: Comm = as_comm(comm)
     with comm.step("plan"):
-        inp = open_input(complete)
+        inp = open_input(complete, comm=comm)
         check_tensors_match(inp.source, strategy, str(complete), "the strategy")
         files = rank_files(strategy, prefix, dedup_assignment(strategy) if dedup else None)
         pieces = divide_writes(files, comm.size)
@@ -28,7 +28,7 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
     def records(checksums):
         return distributed_records(strategy, files, checksums, dedup, prefix)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "split", options,
+    result = write_files(comm, inp.source, inp, out, files, pieces, records, "split", options,
                          inputs=(str(complete),), markers=(MANIFEST,),
                          dirs=rank_dirs_of(strategy))
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup})
