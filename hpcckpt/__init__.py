@@ -28,6 +28,7 @@ _LAZY = {
     "load_strategy": "layout", "strategy_from_dict": "layout",
     "load": "ops.in_memory", "reshard_state": "ops.in_memory",
     "merge": "ops.merge", "reshard": "ops.reshard", "split": "ops.split",
+    "verify": "ops.verify",
 }
 
 __all__ = ["CheckpointIOError", "FormatError", "HpcckptError", "LaunchError", "RankFailure",

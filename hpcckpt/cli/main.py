@@ -26,10 +26,11 @@ from . import merge as merge_cmd
 from . import reshard as reshard_cmd
 from . import split as split_cmd
 from . import strategy as strategy_cmd
+from . import verify as verify_cmd
 from .common import print_result
 
 COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd, jobs_cmd,
-            convert_cmd)
+            convert_cmd, verify_cmd)
 
 #: 128 + SIGPIPE: what a shell reports for a tool whose reader went away (`| head`)
 EXIT_BROKEN_PIPE = 141
