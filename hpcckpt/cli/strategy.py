@@ -105,8 +105,8 @@ def register_mindspore(ssub) -> None:
 def run_merge(args, comm):
     from ..layout.mindspore import merge_stage_files
     with comm.step("strategy merge"):
-        out = None if args.dry_run else args.out
-        files = merge_stage_files(args.dir, out) if comm.rank == 0 else []
+        files = (merge_stage_files(args.dir, args.out, dry_run=args.dry_run)
+                 if comm.rank == 0 else [])
     if comm.rank == 0:
         info = {"op": "strategy merge", "output": args.out, "dry_run": args.dry_run,
                 "stages": [{"stage": f.stage, "file": f.path, "parameters": len(f.layouts)}
@@ -114,9 +114,9 @@ def run_merge(args, comm):
         if args.json:
             print(json.dumps(info))
         else:
-            print(f"strategy merge: {len(files)} stage(s) -> {args.out} "
-                  f"({sum(len(f.layouts) for f in files)} parameter layouts)"
-                  + (" (dry run, nothing written)" if args.dry_run else ""))
+            print(f"strategy merge{' (dry run, nothing written)' if args.dry_run else ''}: "
+                  f"{len(files)} stage(s) -> {args.out} "
+                  f"({sum(len(f.layouts) for f in files)} parameter layouts)")
     return None
 
 
@@ -140,9 +140,10 @@ def run_convert(args, comm):
             if not args.dry_run:
                 atomic_write_bytes(out, data)
     if comm.rank == 0:
-        info = {"op": "strategy convert", "output": str(out), "tensors": len(s.tensors),
-                "mesh": s.mesh.to_dict(), "dry_run": args.dry_run}
+        info = {"op": "strategy convert", "output": str(out), "dry_run": args.dry_run,
+                "tensors": len(s.tensors),
+                "mesh": s.mesh.to_dict()}
         print(json.dumps(info) if args.json else
-              f"strategy convert: {len(s.tensors)} tensors on mesh {s.mesh} -> {out}"
-              + (" (dry run, nothing written)" if args.dry_run else ""))
+              f"strategy convert{' (dry run, nothing written)' if args.dry_run else ''}: "
+              f"{len(s.tensors)} tensors on mesh {s.mesh} -> {out}")
     return None
