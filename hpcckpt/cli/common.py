@@ -80,13 +80,13 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
                        help="skip fsync before commit (faster, not crash-safe)")
 
 
-def add_exchange_options(p: argparse.ArgumentParser) -> None:
+def add_exchange_options(p: argparse.ArgumentParser, budget: int = DEFAULT_BUDGET) -> None:
     """Options of commands whose bytes travel between ranks over MPI."""
     g = p.add_argument_group("exchange options")
-    g.add_argument("--exchange-budget", default=DEFAULT_BUDGET, metavar="SIZE",
+    g.add_argument("--exchange-budget", default=budget, metavar="SIZE",
                    type=size_type(MIN_EXCHANGE_BUDGET, "smaller budgets make many tiny rounds"),
                    help="send + receive buffers per rank per exchange round "
-                   f"(default {format_bytes(DEFAULT_BUDGET)}, at least "
+                   f"(default {format_bytes(budget)}, at least "
                    f"{format_bytes(MIN_EXCHANGE_BUDGET)})")
     g.add_argument("--max-message", default=DEFAULT_MAX_MESSAGE, metavar="SIZE",
                    type=size_type(MIN_MAX_MESSAGE, "smaller messages make many tiny MPI calls"),

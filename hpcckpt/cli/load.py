@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..comm.rounds import DEFAULT_LOAD_BUDGET
 from ..errors import UsageError
 from ..layout.loader import load_strategy
 from .common import add_exchange_options, add_run_options, add_simulate_options, examples
@@ -25,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--against", metavar="REF",
                    help="compare every loaded byte with checkpoint REF; differences are an error")
     add_run_options(p, writes=False)
-    add_exchange_options(p)
+    add_exchange_options(p, DEFAULT_LOAD_BUDGET)
     add_simulate_options(p)
     p.set_defaults(run=run)
 

@@ -61,8 +61,11 @@ def run(args, comm):
             raise UsageError("--quick reads no tensor byte: it cannot be combined with "
                              "--finite or --against")
         with comm.step("read strategy"):
-            strategy = load_strategy(args.strategy) if args.strategy else None
-            other = load_strategy(args.against_strategy) if args.against_strategy else None
+            # a MindSpore strategy file takes its shapes from the checkpoint it describes
+            strategy = load_strategy(args.strategy, shapes_from=args.path) \
+                if args.strategy else None
+            other = load_strategy(args.against_strategy, shapes_from=args.against) \
+                if args.against_strategy else None
         report = verify(args.path, comm, strategy=strategy, step=args.step,
                         deep=not args.quick, finite=args.finite, against=args.against,
                         against_strategy=other, atol=args.atol, rtol=args.rtol,

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Mapping
 
-from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
+from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_LOAD_BUDGET, DEFAULT_MAX_MESSAGE
 from ..comm.wrapper import Comm, as_comm
 from ..dtypes import numpy_dtype
 from ..errors import FormatError, UsageError
@@ -85,7 +85,7 @@ def _byte_view(a, t, box: Box, rank: int):
 
 
 def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None,
-         budget: int = DEFAULT_BUDGET, max_message: int = DEFAULT_MAX_MESSAGE,
+         budget: int = DEFAULT_LOAD_BUDGET, max_message: int = DEFAULT_MAX_MESSAGE,
          buffer_size: int = DEFAULT_BUFFER, stats: dict | None = None,
          src_strategy: Strategy | None = None) -> dict:
     """This rank's slices of every tensor under ``strategy``, from any checkpoint.
@@ -150,7 +150,8 @@ def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None
         stats.update(per_rank=comm.allgather({"rank": comm.rank, "bytes_read": reader.bytes_read,
                                               "bytes_received": st.bytes_received,
                                               "bytes_sent": st.bytes_sent,
-                                              "bytes_local": st.bytes_local}),
+                                              "bytes_local": st.bytes_local,
+                                              **reader.verify_counts()}),
                      rounds=st.rounds, seconds=comm.allreduce_max(time.perf_counter() - t0),
                      unique_bytes=strategy.unique_bytes, files=len(inp.files))
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..comm.wrapper import Comm, as_comm
@@ -38,7 +39,8 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         raise UsageError(f"--layout must be hf or ms, not {layout!r}")
     with comm.step("plan"):
         src = dist
-        if RankFilesReader.recognise(Path(dist)) and not ManifestReader.recognise(Path(dist)):
+        if isinstance(dist, (str, os.PathLike)) and RankFilesReader.recognise(Path(dist)) \
+                and not ManifestReader.recognise(Path(dist)):
             # a MindSpore-written checkpoint: --file-suffix picks the step to read (as
             # MindSpore's unified_safetensors), and output names stay plain
             if strategy is not None:

@@ -317,7 +317,9 @@ def _indexed_target(root: Path, marker: str) -> Target:
     kind = "complete (HF index)" if marker == HF_INDEX else "complete (MindSpore merged)"
     try:
         doc = json.loads(where.read_text())
-        weight_map = doc["weight_map"] if marker == HF_INDEX else doc
+        # MindSpore 2.10 wraps its name map in "weight_map" too
+        weight_map = doc["weight_map"] if marker == HF_INDEX or (
+            isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict)) else doc
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise FormatError("the map of tensor names to files is not a JSON object of "
