@@ -63,6 +63,13 @@ def add_output_options(p: argparse.ArgumentParser, reads_only: bool = False):
     return g
 
 
+def add_max_extra_size(p: argparse.ArgumentParser) -> None:
+    """``--max-extra-size``: the largest non-weight model file (config, tokenizer, ...)
+    carried with the weights (``storage.model_files``)."""
+    p.add_argument("--max-extra-size", type=size_type(), default=64 << 20, metavar="SIZE",
+                   help="largest non-weight model file carried along (default 64MiB)")
+
+
 def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
     g = add_output_options(p)
     g.add_argument("--buffer-size", type=size_type(), default=DEFAULT_BUFFER, metavar="SIZE",

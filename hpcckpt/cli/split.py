@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..layout.loader import load_strategy
-from .common import add_run_options, copy_options, examples
+from .common import add_max_extra_size, add_run_options, copy_options, examples
 
 HELP = "complete weights -> distributed checkpoint under a strategy"
 EXAMPLES = examples("""
@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--strategy", required=True, help="strategy YAML")
     p.add_argument("--dedup", action="store_true", help="store each distinct box once, balanced")
     p.add_argument("--prefix", default="model", help="file name prefix (default: model)")
+    add_max_extra_size(p)
     add_run_options(p)
     p.set_defaults(run=run)
 
@@ -28,4 +29,4 @@ def run(args, comm):
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy, shapes_from=args.complete)
     return split(args.complete, args.out, strategy, dedup=args.dedup, prefix=args.prefix,
-                 comm=comm, options=copy_options(args))
+                 comm=comm, options=copy_options(args), max_extra_size=args.max_extra_size)

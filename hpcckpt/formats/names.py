@@ -25,6 +25,8 @@ MS_META = "meta.json"
 MS_HYPER_PARAMS = "hyper_param.safetensors"
 CHECKSUM_PREFIX = "xxh3_64:"
 DEFAULT_PREFIX = "model"
+#: a distributed checkpoint's copy of its model directory's non-weight files
+MODEL_FILES_DIR = "model_files"
 
 #: a rank directory's name, ``rank_<r>``
 RANK_DIR = re.compile(r"^rank_(\d+)$")

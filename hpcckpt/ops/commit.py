@@ -445,6 +445,7 @@ class OutputCommit:
     def _write_records(self, docs: list[tuple[str, bytes]]) -> None:
         for rel, data in docs:
             path = os.path.join(self.out, rel)
+            self._mkdirs(Path(path).parent)   # carried model files keep their subdirectories
             self._records.append(path)   # before: a signal during the write removes it
             atomic_write_bytes(path, data, self.options.fsync)
         self._committed = True           # the marker is down: nothing is undone now

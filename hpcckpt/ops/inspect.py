@@ -8,8 +8,9 @@ from pathlib import Path
 from ..errors import HpcckptError
 from ..layout.loader import load_strategy
 from ..layout.strategy import Strategy
-from ..formats.names import HF_INDEX, MANIFEST, MS_NAME_MAP, STRATEGY_FILE
+from ..formats.names import HF_INDEX, MANIFEST, MODEL_FILES_DIR, MS_NAME_MAP, STRATEGY_FILE
 from ..formats.safetensors import read_header
+from ..storage import model_files
 from ..storage.inputs import open_input
 
 
@@ -88,8 +89,23 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
             problems.append(f"missing file {f}")
         else:
             stored += os.path.getsize(fp)
+    config_dir = model_files.model_dir_of(p) if inp.kind != "distributed" else None
     if inp.manifest is not None:
         problems += check_against_manifest(inp)
+        carried = inp.manifest.model_files
+        if carried:
+            out["model_files"] = len(carried)
+            for rel, (size, _) in carried.items():
+                fp = p / MODEL_FILES_DIR / rel
+                have = fp.stat().st_size if fp.is_file() else None
+                if have != size:
+                    problems.append(f"{MODEL_FILES_DIR}/{rel}: " + (
+                        "missing" if have is None else f"{have} bytes, the manifest records {size}"))
+            if "config.json" in carried:
+                config_dir = p / MODEL_FILES_DIR
+    model = model_files.config_summary(root=config_dir) if config_dir else None
+    if model is not None:
+        out["model"] = model
     out["stored_bytes"] = stored
     if inp.kind == "distributed":
         out.update({"world_size": inp.manifest.world_size if inp.manifest else

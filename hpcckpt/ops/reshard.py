@@ -13,6 +13,7 @@ from ..layout.strategy import Strategy
 from ..planning.assign import dedup_assignment
 from ..planning.outputs import OutputFile, divide_writes, rank_file, rank_files
 from ..planning.sources import SourceIndex
+from ..storage import model_files
 from ..storage.inputs import open_source
 from ..formats.names import DEFAULT_PREFIX, MANIFEST
 from .common import check_tensors_match, distributed_records, rank_dirs_of
@@ -42,15 +43,18 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
         pieces = divide_writes(files, comm.size)
         for p in pieces[comm.rank]:
             inp.source.chunks(files[p.file].entries[p.entry].name)  # decoded and checked now
+        # the model directory's non-weight files go along, checked against the manifest
+        carried = (model_files.read_carried(dist, inp.manifest.model_files)
+                   if comm.rank == 0 and inp.manifest is not None else [])
 
     def records(checksums):
-        return distributed_records(strategy, files, checksums, dedup, prefix)
+        return distributed_records(strategy, files, checksums, dedup, prefix, carried)
 
     result = write_files(comm, inp.source, inp, out, files, pieces, records, "reshard",
                          options, inputs=(str(dist),), markers=(MANIFEST,),
                          dirs=rank_dirs_of(strategy))
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup,
-                         "transport": "shared-fs"})
+                         "transport": "shared-fs", "model_files": len(carried)})
     return result
 
 
