@@ -8,6 +8,7 @@ Public API (SPEC 4)::
     hpcckpt.merge("dist/", "hf_out/", comm=MPI.COMM_WORLD)
     hpcckpt.reshard("dist/", "dist2/", other_strategy, comm=MPI.COMM_WORLD)
     state = hpcckpt.load("dist/", strategy, comm=MPI.COMM_WORLD)    # this rank's slices
+    hpcckpt.load("dist/", strategy, comm=MPI.COMM_WORLD, out=state)  # into existing arrays
     state = hpcckpt.reshard_state(state, strategy, other_strategy, comm=MPI.COMM_WORLD)
 
 Names are imported on first use, so a command (every rank of a job) imports only the
@@ -27,6 +28,7 @@ _LAZY = {
     "load_strategy": "layout", "strategy_from_dict": "layout",
     "load": "ops.in_memory", "reshard_state": "ops.in_memory",
     "merge": "ops.merge", "reshard": "ops.reshard", "split": "ops.split",
+    "verify": "ops.verify",
 }
 
 __all__ = ["CheckpointIOError", "FormatError", "HpcckptError", "LaunchError", "RankFailure",

@@ -76,16 +76,19 @@ PY
 
 # hpcckpt_train CMD...: run the training step so that it can be preempted. SIGUSR1 to
 # this batch shell (#SBATCH --signal=B:USR1@T, or `scancel --signal=USR1 --batch`) is
-# forwarded to every task of the job's steps; the training's save manager (install_signal_handler) saves the
-# step and the training exits 0. Then: finished (committed step >= LAST_STEP) -> exit 0;
-# stopped early but cleanly -> `scontrol requeue` (the next run resumes from the latest
-# committed step); failed -> the job fails.
+# forwarded to every task of the job's steps; the training's save manager
+# (install_signal_handler) saves the step, and the training exits 0 or 75 (EX_TEMPFAIL,
+# what `hpcckpt save` uses). Then: committed step >= LAST_STEP -> done; stopped early but
+# cleanly (exit 0 or 75, or signalled and a newer step committed) -> `scontrol requeue`,
+# and the next run resumes from the latest committed step; anything else -> the job fails.
+HPCCKPT_EXIT_PREEMPTED=75
 hpcckpt_train() {
-  local pid rc=0 cut=0 last
+  local pid rc=0 cut=0 signalled=0 first last
   # srun itself dies of SIGUSR1 (it forwards only INT, TERM, ...): signal the job's steps
   # through slurmctld instead, which reaches every task on every node
-  trap 'cut=1; echo "hpcckpt job $HPCCKPT_JOB_TAG: SIGUSR1: forwarding it to the training step"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
-  echo "hpcckpt job $HPCCKPT_JOB_TAG: run ${SLURM_RESTART_COUNT:-0}, latest committed step $(hpcckpt_last_step "$CHECKPOINT_DIR")"
+  trap 'cut=1; signalled=1; echo "hpcckpt job $HPCCKPT_JOB_TAG: SIGUSR1: forwarding it to the training step"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+  first=$(hpcckpt_last_step "$CHECKPOINT_DIR")
+  echo "hpcckpt job $HPCCKPT_JOB_TAG: run ${SLURM_RESTART_COUNT:-0}, latest committed step $first"
   hpcckpt_launch "$@" &
   pid=$!
   while :; do
@@ -97,13 +100,22 @@ hpcckpt_train() {
   done
   trap - USR1
   last=$(hpcckpt_last_step "$CHECKPOINT_DIR")
-  if [ "$rc" -ne 0 ]; then
+  if [ "$last" -ge "$LAST_STEP" ]; then
+    echo "hpcckpt job $HPCCKPT_JOB_TAG: finished at step $last"
+    [ "$rc" -eq "$HPCCKPT_EXIT_PREEMPTED" ] && rc=0
+    exit "$rc"
+  fi
+  # with --kill-on-bad-exit, a rank that exits 75 first can get the others killed: after a
+  # signal, a newer committed step is what tells a preemption save from a crash
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne "$HPCCKPT_EXIT_PREEMPTED" ] \
+      && ! { [ "$signalled" = 1 ] && [ "$last" -gt "$first" ]; }; then
     echo "hpcckpt job $HPCCKPT_JOB_TAG: training FAILED (exit $rc); latest committed step $last" >&2
     exit "$rc"
   fi
-  if [ "$last" -ge "$LAST_STEP" ]; then
-    echo "hpcckpt job $HPCCKPT_JOB_TAG: finished at step $last"
-    exit 0
+  if [ ! -e "$CHECKPOINT_DIR/rank_0/meta.json" ]; then
+    # requeueing a run that never committed would repeat it MAX_REQUEUES times
+    echo "hpcckpt job $HPCCKPT_JOB_TAG: the training exited $rc but $CHECKPOINT_DIR/rank_0/meta.json does not exist: is CHECKPOINT_DIR the save manager's directory? Not requeueing" >&2
+    exit 1
   fi
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
     echo "hpcckpt job $HPCCKPT_JOB_TAG: stopped at step $last of $LAST_STEP after $MAX_REQUEUES requeues; not requeueing" >&2

@@ -201,3 +201,43 @@ def mine(comm, items):
 def box_slices(box) -> tuple:
     """numpy index of ``box`` in the full tensor."""
     return tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))
+
+
+# ---- checkpoints on disk, for tests that damage them ----------------------------------
+def write_safetensors_file(path, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str],
+                           metadata: Mapping[str, str] | None = None):
+    """One safetensors file holding ``tensors`` (safetensors dtype names in ``dtypes``)."""
+    from hpcckpt.formats.safetensors import build_header
+    head, _ = build_header([(n, dtypes[n], a.shape) for n, a in tensors.items()], metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for a in tensors.values():
+            f.write(np.ascontiguousarray(a).tobytes())
+    return path
+
+
+def flip_bit(path, offset: int, mask: int = 0x01) -> None:
+    """XOR the byte at ``offset`` of ``path`` with ``mask``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
+#: Python run by each rank of ``mpiexec -n N python -c PRELUDE + RANK_EXIT_WRAP ARGS``:
+#: hpcckpt's main, then this rank's exit status on stdout in one write (mpiexec's own
+#: status is an aggregate), so a test can see that EVERY rank exits as it should.
+RANK_EXIT_WRAP = r"""
+import sys
+from hpcckpt.cli.main import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code if isinstance(e.code, int) else 1
+import os
+from mpi4py import MPI
+sys.stdout.flush()
+os.write(1, f"@@rank-exit {MPI.COMM_WORLD.Get_rank()} {rc}\n".encode())
+sys.exit(rc)
+"""

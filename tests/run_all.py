@@ -178,7 +178,7 @@ def run_stage(stage: Stage, log_dir: Path, verbose: bool = False) -> StageResult
 
     def pump() -> None:
         assert proc.stdout is not None
-        with open(log, "w") as f:
+        with open(log, "w", buffering=1) as f:  # line by line: a hang shows how far it got
             f.write(f"$ {' '.join(stage.cmd)}\n")
             for raw in iter(proc.stdout.readline, b""):
                 line = raw.decode("utf-8", errors="replace")

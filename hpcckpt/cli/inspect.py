@@ -29,7 +29,7 @@ def register(sub) -> None:
 def run(args, comm):
     from ..ops.inspect import describe_path  # on use: start-up is every rank's wall time
     with comm.step("inspect"):
-        strategy = load_strategy(args.strategy) if args.strategy else None
+        strategy = load_strategy(args.strategy, shapes_from=args.path) if args.strategy else None
         info = describe_path(args.path, strategy, args.tensors) if comm.rank == 0 else None
     if comm.rank == 0:
         print(json.dumps(info) if args.json else render(info))

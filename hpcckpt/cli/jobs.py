@@ -135,6 +135,15 @@ def run_render(args, comm):
         _check_verb_args(args.verb, verb_args)
     script = render(args.verb, verb_args, opts)
     sys.stdout.write(script)
+    given = {name for name, _ in opts.settings}
+    if args.verb == "save" and not {"CHECKPOINT_DIR", "LAST_STEP"} <= given:
+        print("hpcckpt jobs render: note: save needs --set CHECKPOINT_DIR=... --set "
+              "LAST_STEP=... (the manager's directory, the training's last step)",
+              file=sys.stderr)
+    if args.log_dir is not None and not os.path.isdir(args.log_dir):
+        print(f"hpcckpt jobs render: note: --log-dir {args.log_dir} does not exist here; "
+              "create it before submitting (SLURM opens the job's .out before the script "
+              "runs)", file=sys.stderr)
     if verb_args is None:
         print("hpcckpt jobs render: note: no arguments after `--`: ARGS keeps the template's "
               "example paths; edit them before submitting", file=sys.stderr)

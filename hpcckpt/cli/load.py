@@ -33,8 +33,10 @@ def register(sub) -> None:
 def run(args, comm):
     from ..ops.load import load_job  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
-        strategy = load_strategy(args.strategy)
-        src = load_strategy(args.src_strategy) if args.src_strategy else None
+        # a MindSpore strategy takes its tensor shapes from the checkpoint
+        # (the destination's from the source strategy, when given)
+        src = load_strategy(args.src_strategy, shapes_from=args.path) if args.src_strategy else None
+        strategy = load_strategy(args.strategy, shapes_from=src or args.path)
     if args.dry_run and strategy.world_size != comm.size:  # the same verdict on every rank
         n = strategy.world_size
         raise UsageError(f"{args.strategy}: strategy has {n} ranks but the job has {comm.size}; "

@@ -18,6 +18,7 @@ import traceback
 
 from .. import __version__
 from ..errors import HpcckptError, RankFailure
+from . import convert as convert_cmd
 from . import inspect as inspect_cmd
 from . import jobs as jobs_cmd
 from . import load as load_cmd
@@ -25,9 +26,11 @@ from . import merge as merge_cmd
 from . import reshard as reshard_cmd
 from . import split as split_cmd
 from . import strategy as strategy_cmd
+from . import verify as verify_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd, jobs_cmd)
+COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd, jobs_cmd,
+            convert_cmd, verify_cmd)
 
 #: 128 + SIGPIPE: what a shell reports for a tool whose reader went away (`| head`)
 EXIT_BROKEN_PIPE = 141

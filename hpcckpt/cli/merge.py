@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from ..layout.loader import load_strategy
-from ..units import parse_size
 from .common import add_run_options, copy_options, examples, size_type
 
 HELP = "distributed checkpoint -> complete weights (HF or MindSpore layout)"
@@ -20,12 +19,14 @@ def register(sub) -> None:
     p.add_argument("dist", help="distributed checkpoint directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--strategy", help="strategy (needed when DIST has no manifest.json)")
-    p.add_argument("--max-shard-size", type=size_type(), default=parse_size("5GB"),
-                   help="largest shard (default 5GB)")
+    p.add_argument("--max-shard-size", type=size_type(), default=None,
+                   help="largest shard (default 5GB; --layout ms: 3GiB, as MindSpore)")
     p.add_argument("--exclude-prefix", action="append", default=[], metavar="P",
                    help="leave out tensors whose name starts with P (repeatable)")
     p.add_argument("--file-suffix", default="", metavar="SUF",
-                   help="insert _SUF before .safetensors in shard names")
+                   help="a MindSpore-written DIST (no manifest): the step to merge, by "
+                        "MindSpore's rules ('1_100' = epoch 1 step 100); otherwise: insert "
+                        "_SUF before .safetensors in shard names")
     p.add_argument("--layout", choices=("hf", "ms"), default="hf")
     add_run_options(p)
     p.set_defaults(run=run)
@@ -36,7 +37,8 @@ def run(args, comm):
     strategy = None
     if args.strategy:
         with comm.step("read strategy"):
-            strategy = load_strategy(args.strategy)
+            strategy = load_strategy(args.strategy, shapes_from=args.dist,
+                                     file_suffix=args.file_suffix or None)
     return merge(args.dist, args.out, strategy=strategy, max_shard_size=args.max_shard_size,
                  exclude_prefixes=tuple(args.exclude_prefix), file_suffix=args.file_suffix,
                  layout=args.layout, comm=comm, options=copy_options(args))

@@ -36,8 +36,13 @@ def register(sub) -> None:
 def run(args, comm):
     from ..ops.reshard import reshard  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
-        dst = load_strategy(args.strategy.format(rank=comm.rank))
-        src = load_strategy(args.src_strategy.format(rank=comm.rank)) if args.src_strategy else None
+        # a MindSpore strategy takes its tensor shapes from the source checkpoint
+        # (the destination's from the source strategy, when given: a MindSpore-written
+        # checkpoint's slices are the source layout's)
+        dist = args.dist.format(rank=comm.rank)
+        src = (load_strategy(args.src_strategy.format(rank=comm.rank), shapes_from=dist)
+               if args.src_strategy else None)
+        dst = load_strategy(args.strategy.format(rank=comm.rank), shapes_from=src or dist)
     extra = {}
     if args.node_local:
         extra = {"budget": args.exchange_budget, "max_message": args.max_message}

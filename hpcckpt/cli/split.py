@@ -26,6 +26,6 @@ def register(sub) -> None:
 def run(args, comm):
     from ..ops.split import split  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
-        strategy = load_strategy(args.strategy)
+        strategy = load_strategy(args.strategy, shapes_from=args.complete)
     return split(args.complete, args.out, strategy, dedup=args.dedup, prefix=args.prefix,
                  comm=comm, options=copy_options(args))

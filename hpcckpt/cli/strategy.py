@@ -29,6 +29,7 @@ def register(sub) -> None:
     show.add_argument("--yaml", action="store_true", help="print the normalised YAML")
     add_output_options(show, reads_only=True)
     show.set_defaults(run=run_show)
+    register_mindspore(ssub)
 
 
 def run_show(args, comm):
@@ -67,4 +68,77 @@ def run_show(args, comm):
                   f"{format_bytes(info['unique_bytes'])} unique, "
                   f"{format_bytes(info['rank_bytes_min'])}..{format_bytes(info['rank_bytes_max'])} "
                   "per rank")
+    return None
+
+
+# ---- MindSpore strategy files: strategy merge / strategy convert ----------------------
+MERGE_HELP = "merge per-stage MindSpore strategy files into one (merge_pipeline_strategys)"
+CONVERT_HELP = "convert a strategy: MindSpore -> hpcckpt YAML, or YAML -> MindSpore .ckpt/.json"
+MS_EXAMPLES = examples("""
+hpcckpt strategy merge strategy_dir/ merged.ckpt       # stages renamed "{stage}-{name}"
+hpcckpt strategy convert merged.ckpt s.yaml --shapes-from output/checkpoint
+hpcckpt strategy convert s.yaml strategy.ckpt           # protobuf MindSpore reads (.json: JSON)
+""")
+
+
+def register_mindspore(ssub) -> None:
+    merge = ssub.add_parser("merge", help=MERGE_HELP, description=MERGE_HELP,
+                            epilog=MS_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("dir", help="directory of per-stage .ckpt (or .json) strategy files")
+    merge.add_argument("out", help="merged strategy file to write")
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(run=run_merge)
+    conv = ssub.add_parser("convert", help=CONVERT_HELP, description=CONVERT_HELP,
+                           epilog=MS_EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    conv.add_argument("src", help="MindSpore strategy file or directory, or hpcckpt YAML")
+    conv.add_argument("out", help="output: .yaml/.yml, or MindSpore .ckpt (protobuf) / .json")
+    conv.add_argument("--shapes-from", metavar="CKPT",
+                      help="checkpoint giving tensor shapes and dtypes (MindSpore input)")
+    conv.add_argument("--file-suffix", metavar="SUF",
+                      help="with a MindSpore-written --shapes-from, the step to read")
+    conv.add_argument("--json", action="store_true")
+    conv.set_defaults(run=run_convert)
+
+
+def run_merge(args, comm):
+    from ..layout.mindspore import merge_stage_files
+    with comm.step("strategy merge"):
+        files = merge_stage_files(args.dir, args.out) if comm.rank == 0 else []
+    if comm.rank == 0:
+        info = {"op": "strategy merge", "output": args.out,
+                "stages": [{"stage": f.stage, "file": f.path, "parameters": len(f.layouts)}
+                           for f in files]}
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print(f"strategy merge: {len(files)} stage(s) -> {args.out} "
+                  f"({sum(len(f.layouts) for f in files)} parameter layouts)")
+    return None
+
+
+def run_convert(args, comm):
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..layout.mindspore import strategy_to_ms
+    from ..storage.atomic import atomic_write_bytes
+    out = Path(args.out)
+    with comm.step("strategy convert"):
+        if out.suffix not in (".yaml", ".yml", ".ckpt", ".json"):
+            raise UsageError(f"{out}: output must end in .yaml/.yml (hpcckpt) or .ckpt/.json "
+                             "(MindSpore)")
+        s = load_strategy(args.src, shapes_from=args.shapes_from, file_suffix=args.file_suffix)
+        if comm.rank == 0:
+            if out.suffix in (".yaml", ".yml"):
+                data = strategy_to_yaml(s).encode()
+            else:
+                data = strategy_to_ms(s, "json" if out.suffix == ".json" else "protobuf")
+            atomic_write_bytes(out, data)
+    if comm.rank == 0:
+        info = {"op": "strategy convert", "output": str(out), "tensors": len(s.tensors),
+                "mesh": s.mesh.to_dict()}
+        print(json.dumps(info) if args.json else
+              f"strategy convert: {len(s.tensors)} tensors on mesh {s.mesh} -> {out}")
     return None

@@ -9,7 +9,8 @@ A distributed checkpoint::
 
 Complete HF weights carry ``model.safetensors.index.json`` (HF_INDEX) beside their
 shards; MindSpore's merged output carries ``param_name_map.json`` (MS_NAME_MAP) and
-keeps epoch/step in ``rank_0/meta.json`` (MS_META). Checksums are
+``hyper_param.safetensors`` (MS_HYPER_PARAMS: epoch/step, read from the source's
+``rank_0/meta.json``, MS_META). Checksums are
 ``xxh3_64:<16 hex digits>`` (CHECKSUM_PREFIX).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ STRATEGY_FILE = "strategy.yaml"
 HF_INDEX = "model.safetensors.index.json"
 MS_NAME_MAP = "param_name_map.json"
 MS_META = "meta.json"
+MS_HYPER_PARAMS = "hyper_param.safetensors"
 CHECKSUM_PREFIX = "xxh3_64:"
 DEFAULT_PREFIX = "model"
 

@@ -42,6 +42,7 @@ import xxhash
 from ..comm import interrupts
 from ..comm.wrapper import Comm
 from ..errors import CheckpointIOError, RankFailure, UsageError
+from ..formats.names import CHECKSUM_PREFIX
 from ..layout.box import Box
 from ..planning.outputs import OutputEntry, OutputFile, WritePiece
 from ..planning.runs import StridedRuns, tile_contiguous
@@ -52,7 +53,6 @@ from ..storage.fileio import pread_into, pwrite_all, start_writeback
 from .progress import Progress
 
 DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
-CHECKSUM_PREFIX = "xxh3_64:"
 #: test hook: seconds to sleep after each written tile, so tests can interrupt a run
 #: (or start a second job) mid-write deterministically instead of racing the disk
 DELAY_ENV = "HPCCKPT_TEST_WRITE_DELAY"

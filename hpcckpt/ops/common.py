@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from ..errors import FormatError
+from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
 from ..planning.outputs import OutputFile
 from ..planning.sources import SourceIndex
 from ..storage.atomic import json_bytes
-from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
 from ..storage.manifest import Manifest, ManifestChunk, ManifestTensor
 
 
@@ -54,4 +54,3 @@ def distributed_records(strategy: Strategy, files: list[OutputFile],
     manifest = build_manifest(strategy, files, checksums, dedup, prefix)
     return [(STRATEGY_FILE, strategy_to_yaml(strategy).encode()),
             (MANIFEST, json_bytes(manifest.to_dict()))]
-

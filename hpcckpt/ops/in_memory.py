@@ -6,8 +6,9 @@ imported by these functions only, when they build arrays.
 """
 from __future__ import annotations
 
+import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
 from ..comm.wrapper import Comm, as_comm
@@ -16,7 +17,7 @@ from ..errors import FormatError, UsageError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..planning.route_plans import plan_load, plan_reshard_state
-from ..planning.routes import Route
+from ..planning.routes import Route, RoutePlan
 from ..planning.runs import strided_runs
 from ..storage.chunkio import ChunkReader, copy_runs
 from ..storage.inputs import open_input
@@ -44,10 +45,49 @@ def _allocate(strategy: Strategy, rank: int):
     return out, targets
 
 
-def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDGET,
-         max_message: int = DEFAULT_MAX_MESSAGE, buffer_size: int = DEFAULT_BUFFER,
-         stats: dict | None = None, src_strategy: Strategy | None = None
-         ) -> dict[str, "np.ndarray"]:
+def _caller_targets(out: Mapping, strategy: Strategy, rank: int) -> dict:
+    """Flat byte views of the caller's arrays, by (name, box), each checked against the
+    box the strategy gives this rank: filled in place, never copied."""
+    targets = {}
+    for t, box in strategy.rank_boxes(rank):
+        a = out.get(t.name)
+        if a is None:
+            if box.volume == 0:
+                continue
+            raise UsageError(f"rank {rank}: out lacks tensor {t.name!r} (its box {box})")
+        targets[(t.name, box)] = _byte_view(a, t, box, rank)
+    return targets
+
+
+def _byte_view(a, t, box: Box, rank: int):
+    """A flat uint8 view of ``a``: a numpy array, or any buffer (bytearray, array.array,
+    a CPU tensor's buffer) whose items have the tensor's size."""
+    where = f"rank {rank}: out[{t.name!r}]"
+    wanted = f"the strategy gives this rank {t.dtype} {list(box.sizes)} at {box}"
+    np = sys.modules.get("numpy")   # a caller passing numpy arrays has imported it
+    if np is not None and isinstance(a, np.ndarray):
+        if a.shape != box.sizes or a.dtype != numpy_dtype(t.dtype):
+            raise UsageError(f"{where} is {a.dtype} {list(a.shape)} but {wanted}")
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise UsageError(f"{where} is not a writable C-contiguous array")
+        return a.reshape(-1).view(np.uint8)
+    try:
+        m = memoryview(a)
+    except TypeError:
+        raise UsageError(f"{where} is a {type(a).__name__}, neither a numpy array nor a "
+                         "buffer") from None
+    if tuple(m.shape) != box.sizes or m.itemsize != t.itemsize:
+        raise UsageError(f"{where} is a buffer of {m.itemsize}-byte items {list(m.shape)} "
+                         f"but {wanted}")
+    if m.readonly or not m.c_contiguous:
+        raise UsageError(f"{where} is not a writable C-contiguous buffer")
+    return m.cast("B") if m.ndim != 1 or m.format != "B" else m
+
+
+def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None,
+         budget: int = DEFAULT_BUDGET, max_message: int = DEFAULT_MAX_MESSAGE,
+         buffer_size: int = DEFAULT_BUFFER, stats: dict | None = None,
+         src_strategy: Strategy | None = None) -> dict:
     """This rank's slices of every tensor under ``strategy``, from any checkpoint.
 
     Complete HF weights or a distributed checkpoint of any strategy, full or
@@ -58,14 +98,25 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
         path: checkpoint directory or file.
         strategy: the layout the caller wants; its world size must equal the job's.
         comm: mpi4py communicator or None (one process).
-        src_strategy: the source's layout, only for a distributed checkpoint without a
+        out: optional ``{name: array}`` to fill in place, as PyTorch DCP's load does:
+            for every tensor this rank holds (a tensor with an empty box may be
+            absent), a C-contiguous writable numpy array of the box's shape and dtype,
+            or any buffer (``bytearray``, ``array.array``, ``memoryview`` of a CPU
+            tensor) of that shape with items of the dtype's size. Checked on every
+            rank before any byte is read; a mismatch is a UsageError naming the rank,
+            the tensor and the box. the source's layout, only for a distributed checkpoint without a
             manifest (MindSpore's); otherwise everything is read from the files.
         stats: if given, filled with ``per_rank`` counters (bytes_read from disk,
             bytes_received and bytes_sent over MPI), ``rounds``, ``seconds`` and
             ``unique_bytes``.
     Returns:
-        ``{name: array}`` for every tensor this rank holds (numpy, dtype from the file;
-        bf16/fp8 as ml_dtypes).
+        ``out`` when given, filled; else ``{name: array}`` for every tensor this rank
+        holds (numpy, dtype from the file; bf16/fp8 as ml_dtypes, imported only then).
+
+    Example::
+
+        state = {n: np.empty(b.sizes, np.float32) for n, b in my_boxes}
+        hpcckpt.load("dist/", strategy, MPI.COMM_WORLD, out=state)
     """
     comm = as_comm(comm)
     t0 = time.perf_counter()
@@ -74,19 +125,25 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
         inp = open_input(path, src_strategy, lazy=True, comm=comm)
         check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
         plan = plan_load(inp.source, strategy, comm.rank)
-        out, targets = _allocate(strategy, comm.rank)
+        if out is None:
+            out, targets = _allocate(strategy, comm.rank)
+        else:
+            targets = _caller_targets(out, strategy, comm.rank)
     reader = ChunkReader(inp, scratch_bytes=buffer_size)
-    file_read = region_reader(lambda r: ("file", reader, 0))
 
-    def read(route: Route, sub: Box, buf: memoryview, base: int) -> None:
-        if route.receiver == comm.rank:
-            file_read(route, sub, buf, base)
-        else:  # forwarding my own, already loaded, slice to a replica
-            sr = strided_runs(sub, route.dst_box, sub, route.tensor.itemsize)
-            copy_runs(sr, targets[(route.tensor.name, route.dst_box)], 0, buf, base)
+    def forward(route: Route, sub: Box, buf: memoryview, base: int) -> None:
+        # my own slice, already read from disk, to a replica
+        sr = strided_runs(sub, route.dst_box, sub, route.tensor.itemsize)
+        copy_runs(sr, targets[(route.tensor.name, route.dst_box)], 0, buf, base)
     try:
-        st = execute_routes(comm, plan, read, memory_writer(targets), buffer_size, budget,
-                            max_message, "load")
+        with comm.step("load: read"):
+            for r in plan.local:   # from disk straight into place: no buffer, no copy
+                reader.read(r.src, r.tensor, strided_runs(r.region, r.src.box, r.dst_box,
+                                                          r.tensor.itemsize),
+                            targets[(r.tensor.name, r.dst_box)])
+        st = execute_routes(comm, RoutePlan(plan.rank, plan.sends, plan.recvs, []), forward,
+                            memory_writer(targets), buffer_size, budget, max_message, "load")
+        st.bytes_local = sum(r.nbytes for r in plan.local)
     finally:
         reader.close()
     if stats is not None:

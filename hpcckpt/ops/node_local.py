@@ -27,6 +27,7 @@ from ..storage.chunkio import ChunkReader, write_runs_to_file
 from ..storage.fileio import pwrite_all, start_writeback
 from ..storage.inputs import open_source, rank_dirs
 from .common import build_manifest, check_tensors_match
+# the write protocol's legacy copy, until node-local writes through ops.commit
 from .filecopy import (CopyOptions, create_partial, fsync_fd, hash_entry, open_rw,
                        prepare_output_dir, remove_files, rename_partials)
 from .result import OpResult

@@ -100,6 +100,37 @@ def hf_files(tensors: list[TensorInfo], max_shard_size: int, suffix: str = "",
     return files
 
 
+MS_PART_SIZE = 3 << 30   #: MindSpore's unified_safetensors: parts of about 3 GiB
+
+
+def ms_unified_files(tensors: list[TensorInfo], part_size: int = MS_PART_SIZE,
+                     first_seen=lambda name: ()) -> tuple[list[OutputFile], dict]:
+    """MindSpore 2.10's ``unified_safetensors`` layout: ``ceil(total / part_size)`` parts
+    (at most one per tensor), filled largest tensor first into the lightest part (ties
+    in ``first_seen`` order: MindSpore meets tensors rank file by rank file), each part
+    laid out in the ``safetensors`` library's order with metadata ``format: ms``,
+    ``remove_redundancy: False``. Returns the files and the ``param_name_map.json`` doc.
+    """
+    from ..dtypes import library_order
+    total = sum(t.nbytes for t in tensors)
+    n = max(1, min(-(-total // part_size), len(tensors)))
+    groups: list[list[TensorInfo]] = [[] for _ in range(n)]
+    load = [0] * n
+    for t in sorted(tensors, key=lambda t: (-t.nbytes, first_seen(t.name))):
+        i = load.index(min(load))
+        groups[i].append(t)
+        load[i] += t.nbytes
+    meta = {"format": "ms", "remove_redundancy": "False"}
+    files = [make_file(ms_part_name(i),
+                       ((t.name, t.dtype, Box.full(t.shape), t.shape)
+                        for t in sorted(g, key=lambda t: library_order(t.name, t.dtype))), meta)
+             for i, g in enumerate(groups)]
+    name_map = {"metadata": {"total_size": total},
+                "weight_map": {t.name: ms_part_name(i) for i, g in enumerate(groups)
+                               for t in g}}
+    return files, name_map
+
+
 def hf_index(files: list[OutputFile]) -> dict:
     """``model.safetensors.index.json`` content for the shards."""
     return {"metadata": {"total_size": sum(f.data_bytes for f in files)},

@@ -17,9 +17,10 @@ import os
 import xxhash
 
 from ..errors import FormatError
+from ..formats.names import CHECKSUM_PREFIX
 from ..layout.box import Box
-from ..planning.runs import StridedRuns
 from ..layout.tensor import TensorInfo
+from ..planning.runs import StridedRuns
 from ..planning.sources import SourceChunk
 from .fileio import pread_into, pwrite_all
 from .reader import CheckpointReader
@@ -164,7 +165,7 @@ class ChunkReader:
             self._hashing[key] = (done, h)
             return
         self._hashing.pop(key, None)
-        got, want = "xxh3_64:" + h.hexdigest(), chunk.checksums[replica]
+        got, want = CHECKSUM_PREFIX + h.hexdigest(), chunk.checksums[replica]
         if got != want:
             path = os.path.join(self.source.root, chunk.files[replica])
             raise FormatError(f"{path}: tensor {t.name!r} chunk {chunk.box}: checksum mismatch "

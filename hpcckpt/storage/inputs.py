@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError, UsageError, quote
 from ..formats.names import (DEFAULT_PREFIX, HF_INDEX, HF_SHARD, MANIFEST, MS_NAME_MAP, RANK_DIR,
-                             STRATEGY_FILE, rank_dir_name, rank_file_name)
+                             STRATEGY_FILE, rank_file_name)
 from ..formats.safetensors import SafetensorsHeader, load_json, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
@@ -184,8 +184,9 @@ def _manifest_layout(root: Path, m: ManifestIndex, given: Strategy | None,
 
 class RankFilesReader(SafetensorsReader):
     """``rank_<r>/`` directories without a manifest (e.g. written by MindSpore), read
-    given their strategy: rank r's only (or latest) file holds its boxes; headers say
-    which tensors each file really stores (de-duplicated saves)."""
+    given their strategy: rank r's step file (MindSpore's choice: ``ms_dist.choose_file``;
+    ``file_suffix`` selects the step) holds its boxes; headers say which tensors each
+    file really stores (de-duplicated saves)."""
 
     name = "distributed checkpoint without manifest"
 
@@ -194,24 +195,16 @@ class RankFilesReader(SafetensorsReader):
         return bool(rank_dirs(path))
 
     @classmethod
-    def open(cls, path, strategy=None, lazy=False, meta=None):
+    def open(cls, path, strategy=None, lazy=False, meta=None, file_suffix=None):
         if strategy is None:
             raise FormatError(f"{path}: distributed checkpoint has no {MANIFEST} (an unfinished "
                               "write, or written by another tool); pass --strategy to read it")
-        dirs = rank_dirs(path)
-        files: dict[int, str] = {}
+        from .ms_dist import rank_files
         reader = cls(path, "distributed", strategy=strategy,
                      description=f"distributed without manifest, {strategy.world_size} ranks")
-        for r in range(strategy.world_size):
-            if r not in dirs:
-                raise FormatError(f"{path}: rank_{r}/ is missing (strategy has "
-                                  f"{strategy.world_size} ranks)")
-            cands = sorted(p for p in dirs[r].glob("*.safetensors"))
-            if not cands:
-                raise FormatError(f"{dirs[r]}: no .safetensors file for rank {r}")
-            latest = max(cands, key=lambda p: (p.stat().st_mtime, p.name))
-            files[r] = f"{rank_dir_name(r)}/{latest.name}"
-            reader.header(files[r])
+        files = rank_files(path, strategy.world_size, file_suffix)
+        for f in files.values():
+            reader.header(f)
         source = strategy_source(strategy, files.__getitem__,
                                  holds=lambda r, name: name in reader.header(files[r]).tensors)
         source.check_complete(str(path))
@@ -260,7 +253,12 @@ class MSNameMapReader(SafetensorsReader):
     @classmethod
     def open(cls, path, strategy=None, lazy=False, meta=None):
         map_path = path / MS_NAME_MAP
-        name_map = _name_map(map_path, (meta or MetaFiles()).read(map_path), None)
+        raw = (meta or MetaFiles()).read(map_path)
+        # MindSpore 2.10: {"metadata": {"total_size": N}, "weight_map": {...}}; older: flat
+        doc = load_json(raw, str(map_path)) if raw is not None else None
+        key = "weight_map" if isinstance(doc, dict) and isinstance(doc.get("weight_map"),
+                                                                   dict) else None
+        name_map = _name_map(map_path, raw, key)
         files = list(dict.fromkeys(name_map.values()))
         return _complete(cls, path, files, "MindSpore merged layout", name_map, map_path)
 

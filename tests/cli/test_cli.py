@@ -421,7 +421,7 @@ def test_merge_layout_ms(data, tmp_path):
     parts = [n for n in names if n.startswith("part")]
     assert len(parts) >= 2 and parts == sorted(f"part{i}.safetensors" for i in range(len(parts)))
     assert sorted(set(names) - set(parts)) == ["hyper_param.safetensors", "param_name_map.json"]
-    name_map = json.loads((out / "param_name_map.json").read_text())
+    name_map = json.loads((out / "param_name_map.json").read_text())["weight_map"]
     assert set(name_map.values()) == set(parts)
     check_complete(out, list(TENSORS), name_map)
     hp = out / "hyper_param.safetensors"

@@ -396,6 +396,100 @@ def test_load_subset_of_a_complete_file(comm, shared_tmp):
     check_load_stats(comm, stats, s)
 
 
+def _garbage_like(s: hpcckpt.Strategy, rank: int) -> dict:
+    """Caller arrays for ``rank``'s boxes, filled with bytes no checkpoint holds."""
+    from hpcckpt.dtypes import numpy_dtype
+    out = {}
+    for t, box in s.rank_boxes(rank):
+        a = np.empty(box.sizes, numpy_dtype(t.dtype))
+        a.reshape(-1).view(np.uint8)[:] = 0xA5
+        out[t.name] = a
+    return out
+
+
+@pytest.mark.parametrize("src_kind,dst_name,kw", [("file", "tpN", {}),
+                                                  ("dist:dp2tp4:dedup", "dpN", TINY)],
+                         ids=["file->tpN", "dist-dedup->dpN-tiny"])
+def test_load_into_caller_arrays(comm, shared_tmp, src_kind, dst_name, kw):
+    """out=: the caller's arrays (numpy, and plain buffers for F32 tensors) are filled in
+    place with exactly the checkpoint's bytes; nothing else is allocated for them."""
+    rank, size = rank_size(comm)
+    s = strategy(dst_name, size)
+    path = _make_source(comm, shared_tmp, src_kind)
+    out = _garbage_like(s, rank)
+    raw = {}   # F32 tensors as typed memoryviews of bytearrays: the buffer protocol path
+    for t, box in s.rank_boxes(rank):
+        if t.dtype == "F32" and box.volume and box.sizes:
+            raw[t.name] = bytearray(b"\xa5" * box.volume * 4)
+            out[t.name] = memoryview(raw[t.name]).cast("B").cast("f", box.sizes)
+    before = dict(out)
+    stats: dict = {}
+    got = hpcckpt.load(path, s, comm, out=out, stats=stats, **kw)
+
+    def same_objects():
+        assert got is out
+        assert all(out[n] is before[n] for n in before)
+    collective(comm, same_objects)
+    state = {n: (np.frombuffer(raw[n], np.float32).reshape(out[n].shape) if n in raw else a)
+             for n, a in out.items()}
+    check_state(comm, state, s, f"load {src_kind} into out=")
+    check_load_stats(comm, stats, s)
+
+
+def test_load_out_refuses_wrong_arrays(comm, shared_tmp):
+    """out= arrays that do not match the rank's boxes: refused before any byte is read,
+    the same error on every rank naming the rank, the tensor and the box."""
+    rank, size = rank_size(comm)
+    s = strategy("tpN", size)
+    path = str(write_complete(comm, shared_tmp / "model.safetensors"))
+    last = size - 1
+    out = _garbage_like(s, rank)
+    box = s.box_of(EMB, 0)
+    failures = {0: (f"rank 0: out[{EMB!r}] is float32 {list(box.sizes)} but the strategy "
+                    f"gives this rank BF16 {list(box.sizes)} at {box}")}
+    if rank == 0:
+        out[EMB] = out[EMB].astype(np.float32)
+    if size > 1:
+        hbox = s.box_of(BIG, last)
+        failures[last] = (f"rank {last}: out[{BIG!r}] is float32 [{hbox.sizes[0] + 1}, "
+                          f"{hbox.sizes[1]}] but the strategy gives this rank F32 "
+                          f"{list(hbox.sizes)} at {hbox}")
+        if rank == last:
+            out[BIG] = np.zeros((hbox.sizes[0] + 1, hbox.sizes[1]), np.float32)
+    with pytest.raises(hpcckpt.HpcckptError) as ei:
+        hpcckpt.load(path, s, comm, out=out)
+    expect_error(comm, ei, failures)
+
+    qbox = s.box_of(BIG, last)
+    cases = [  # (what rank ``last`` passes for BIG, its error)
+        (None, f"rank {last}: out lacks tensor {BIG!r} (its box {qbox})"),
+        (np.zeros((qbox.sizes[1], qbox.sizes[0]), np.float32).T,
+         f"rank {last}: out[{BIG!r}] is not a writable C-contiguous array"),
+        (np.frombuffer(bytes(qbox.volume * 4), np.float32).reshape(qbox.sizes),
+         f"rank {last}: out[{BIG!r}] is not a writable C-contiguous array"),
+        (bytearray(qbox.volume * 4),
+         f"rank {last}: out[{BIG!r}] is a buffer of 1-byte items [{qbox.volume * 4}] but the "
+         f"strategy gives this rank F32 {list(qbox.sizes)} at {qbox}"),
+        ([0.0] * qbox.volume,
+         f"rank {last}: out[{BIG!r}] is a list, neither a numpy array nor a buffer"),
+    ]
+    for bad, msg in cases:
+        out = _garbage_like(s, rank)
+        if rank == last:
+            if bad is None:
+                del out[BIG]
+            else:
+                out[BIG] = bad
+        with pytest.raises(hpcckpt.HpcckptError) as ei:
+            hpcckpt.load(path, s, comm, out=out)
+        expect_error(comm, ei, {last: msg})
+        if comm is None:
+            assert isinstance(ei.value, hpcckpt.UsageError)
+    # the job is still usable, and a right out= fills in place
+    out = _garbage_like(s, rank)
+    check_state(comm, hpcckpt.load(path, s, comm, out=out), s, "after the errors")
+
+
 # ---------------------------------------------------------------------------------
 # 3. node-local reshard: every rank sees only its own directories
 # ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 State is the sum of the step numbers so far, so a run that resumes from the wrong step,
 or from no step, ends with the wrong value. A commit writes ``state.json`` and then
 ``rank_0/meta.json`` (what the template reads), each atomically. SIGUSR1 makes the next
-step end with a save and the run exit 0, as CheckpointManager's preemption hook does.
+step end with a save and the run exit 75, as `hpcckpt save` does after its preemption save.
 """
 import json
 import os
@@ -45,4 +45,4 @@ for step in range(start + 1, last + 1):
         write(meta, {"last_epoch": 1, "last_step": step, "last_ckpt_file": f"s-1_{step}"})
         print(json.dumps({"committed": step, "preempted": preempted}), flush=True)
     if preempted:
-        break
+        sys.exit(75)

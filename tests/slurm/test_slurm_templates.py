@@ -1,7 +1,7 @@
 """Every job template on a one-node SLURM: rendered, submitted, waited for, checked bit-exact.
 
-The chain split -> merge -> reshard -> load -> verify runs as four-task jobs on one small
-model; each output is compared byte for byte with what the same operation writes in this
+The chain split -> merge -> reshard -> load -> verify runs as jobs of 2 to 4 tasks (any job
+size works; load's is its strategy's) on one small model; each output is compared byte for byte with what the same operation writes in this
 process, or with the model itself. Templates of commands this hpcckpt does not have yet
 (verify, convert, save: other issues) are skipped, naming the missing command.
 """
@@ -42,7 +42,7 @@ def test_split_job(cluster, work):
     d = work["dir"]
     run = ok(run_job(cluster, "split", [work["model"], d / "dist", "--strategy", work["dp2tp2"],
                                         "--dedup"], d))
-    assert run.summary["op"] == "split" and run.summary["world_size"] == 4
+    assert run.summary["op"] == "split" and run.summary["world_size"] == 2
     assert "hpcckpt job hpcckpt-split-" in run.out and "by srun --mpi=pmi2" in run.out
     same_tree(d / "dist", reference_split(work["model"], work["dp2tp2"], d / "ref_dist",
                                           dedup=True))
@@ -52,7 +52,7 @@ def test_merge_job(cluster, work):
     d = work["dir"]
     run = ok(run_job(cluster, "merge", [_need(d / "dist", "split's output"), d / "merged",
                                         "--max-shard-size", "8KB"], d))
-    assert run.summary["op"] == "merge" and run.summary["world_size"] == 4
+    assert run.summary["op"] == "merge" and run.summary["world_size"] == 2
     assert len(list((d / "merged").glob("model-*-of-*.safetensors"))) > 1  # several shards
     check_merged(d / "merged")
 
@@ -61,14 +61,15 @@ def test_reshard_job(cluster, work):
     d = work["dir"]
     dist = _need(d / "dist", "split's output")
     ok(run_job(cluster, "reshard", [dist, d / "dist_tp3", "--strategy", work["tp3"]], d,
-               tasks_per_node=2))
+               tasks_per_node=3))
     same_tree(d / "dist_tp3", reference_reshard(dist, work["tp3"], d / "ref_tp3"))
 
 
 def test_load_job(cluster, work):
     d = work["dir"]
     run = ok(run_job(cluster, "load", [_need(d / "dist_tp3", "reshard's output"), "--strategy",
-                                       work["dp2tp2"], "--against", work["model"]], d))
+                                       work["dp2tp2"], "--against", work["model"]], d,
+                     tasks_per_node=4))
     s = run.summary
     assert s["op"] == "load" and s["world_size"] == 4 and s["identical"] is True
     # every rank compared its slices with the model: the strategy's bytes, replicas included
@@ -173,3 +174,16 @@ def test_a_misconfigured_job_stops_before_launching(cluster, work, tmp_path, set
     assert run.state == "FAILED" and run.exit_code == 2, run.describe()
     assert run.err.strip() == message
     assert not (tmp_path / "merged").exists()
+
+
+def test_save_template_never_requeues_a_run_that_committed_nothing(cluster, tmp_path):
+    # CHECKPOINT_DIR names another directory than the one the training writes
+    wrong = tmp_path / "not_the_checkpoint"
+    run = run_job(cluster, "save", [sys.executable, HERE / "standin_train.py", tmp_path / "ckpt",
+                                    "3", "1", "0.01"], tmp_path, tasks_per_node=1,
+                  settings=[("CHECKPOINT_DIR", str(wrong)), ("LAST_STEP", "3")])
+    assert run.state == "FAILED" and run.exit_code == 1 and run.info["Restarts"] == "0", \
+        run.describe()
+    assert run.err.strip().endswith(
+        f"the training exited 0 but {wrong}/rank_0/meta.json does not exist: is CHECKPOINT_DIR "
+        "the save manager's directory? Not requeueing")

@@ -177,3 +177,16 @@ def test_cli_render_checks_the_commands_arguments():
     assert r.returncode == 0 and "ARGS=(/path/to/hf_model" in r.stdout
     assert r.stderr.strip() == ("hpcckpt jobs render: note: no arguments after `--`: ARGS keeps "
                                 "the template's example paths; edit them before submitting")
+
+
+def test_cli_render_notes_what_the_job_would_trip_over(tmp_path):
+    r = _cli("jobs", "render", "save", "--log-dir", str(tmp_path / "missing"), "--", "python")
+    assert r.returncode == 0
+    assert r.stderr.splitlines() == [
+        "hpcckpt jobs render: note: save needs --set CHECKPOINT_DIR=... --set LAST_STEP=... "
+        "(the manager's directory, the training's last step)",
+        f"hpcckpt jobs render: note: --log-dir {tmp_path / 'missing'} does not exist here; "
+        "create it before submitting (SLURM opens the job's .out before the script runs)"]
+    r = _cli("jobs", "render", "save", "--log-dir", str(tmp_path), "--set", "CHECKPOINT_DIR=/c",
+             "--set", "LAST_STEP=9", "--", "python")
+    assert r.returncode == 0 and r.stderr == ""
