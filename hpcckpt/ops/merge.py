@@ -14,6 +14,7 @@ from ..planning.outputs import MS_PART_SIZE, divide_writes, hf_files, hf_index, 
 from ..storage.atomic import json_bytes
 from ..storage import model_files
 from ..storage.inputs import ManifestReader, RankFilesReader, open_input
+from ..storage.reader import CheckpointReader
 from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
@@ -39,7 +40,7 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         raise UsageError(f"--layout must be hf or ms, not {layout!r}")
     with comm.step("plan"):
         src = dist
-        if isinstance(dist, (str, os.PathLike)) and RankFilesReader.recognise(Path(dist)) \
+        if not isinstance(dist, CheckpointReader) and RankFilesReader.recognise(Path(dist)) \
                 and not ManifestReader.recognise(Path(dist)):
             # a MindSpore-written checkpoint: --file-suffix picks the step to read (as
             # MindSpore's unified_safetensors), and output names stay plain

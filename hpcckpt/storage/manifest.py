@@ -351,11 +351,13 @@ def _compact_chunk(pairs: list[tuple[str, object]]):
     return d
 
 
-def read_manifest(root: str | Path, meta=None, bind: bool = True) -> ManifestIndex:
-    """Parse ``root/manifest.json``; ``meta`` (a ``reader.MetaFiles``) supplies its bytes.
-    With ``bind``, the checkpoint's strategy file is read and bound when the manifest
-    needs it (``ManifestReader`` binds one itself, from a given strategy if it can)."""
-    path = Path(root) / MANIFEST
+def read_manifest(root: str | Path, meta=None, bind: bool = True,
+                  name: str = MANIFEST) -> ManifestIndex:
+    """Parse ``root/<name>`` (``manifest.json``, or a training step's record in the same
+    format); ``meta`` (a ``reader.MetaFiles``) supplies its bytes. With ``bind``, the
+    checkpoint's strategy file is read and bound when the manifest needs it
+    (``ManifestReader`` binds one itself, from a given strategy if it can)."""
+    path = Path(root) / name
     if meta is None:
         from .reader import MetaFiles
         meta = MetaFiles()

@@ -25,6 +25,7 @@ from helpers import _kill_group, clean_env, find_mpiexec
 from hpcckpt.ops.commit import DELAY_ENV
 from hpcckpt.storage.lock import LOCK_NAME
 from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.storage.manifest import read_manifest
 from test_cli import (ROTATED_TRIO_DOC, check_complete, cli, copy_dist, data,  # noqa: F401
                       has_error, ok, write_yaml)
 
@@ -118,9 +119,10 @@ def _flip(dist: Path, rank: int) -> tuple[Path, str, str]:
     f = dist / f"rank_{rank}" / f"model_rank_{rank}.safetensors"
     e = read_header(f).entry(f"t{rank}")
     raw = bytearray(f.read_bytes())
-    want = "xxh3_64:" + xxhash.xxh3_64_hexdigest(bytes(raw[e.begin:e.end]))  # as recorded
     raw[e.begin + 5] ^= 0x10
     f.write_bytes(raw)
+    manifest = read_manifest(dist).expanded()   # every chunk listed, as format 1 does
+    want = manifest["tensors"][f"t{rank}"]["chunks"][0]["checksum"]
     return f, want, "xxh3_64:" + xxhash.xxh3_64_hexdigest(bytes(raw[e.begin:e.end]))
 
 
