@@ -24,6 +24,15 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
                        help="skip fsync before commit (faster, not crash-safe)")
 
 
+def add_dedup_option(p: argparse.ArgumentParser) -> None:
+    """``--dedup [balanced|whole]``: each distinct box stored once (planning/dedup.py)."""
+    p.add_argument("--dedup", nargs="?", const="balanced", default=None,
+                   choices=("balanced", "whole"), metavar="MODE",
+                   help="store each distinct box once: 'balanced' (default; large replicated "
+                   "boxes divided among their replicas, bytes per rank even) or 'whole' "
+                   "(whole boxes, as MindSpore's loader reads)")
+
+
 def add_exchange_options(p: argparse.ArgumentParser) -> None:
     """Options of commands whose bytes travel between ranks over MPI."""
     g = p.add_argument_group("exchange options")

@@ -1,10 +1,10 @@
-"""hpcckpt reshard DIST OUT --strategy DST [--src-strategy SRC] [--dedup] [--node-local]"""
+"""hpcckpt reshard DIST OUT --strategy DST [--src-strategy SRC] [--dedup [balanced|whole]] [--node-local]"""
 from __future__ import annotations
 
 import argparse
 
 from ..layout.loader import load_strategy
-from .common import (add_exchange_options, add_run_options, add_simulate_options, copy_options,
+from .common import (add_dedup_option, add_exchange_options, add_run_options, add_simulate_options, copy_options,
                      examples)
 
 HELP = "distributed checkpoint -> distributed checkpoint under another strategy"
@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("out", help="output directory ({rank} = this rank, node-local)")
     p.add_argument("--strategy", required=True, help="destination strategy")
     p.add_argument("--src-strategy", help="source strategy (when DIST has no manifest.json)")
-    p.add_argument("--dedup", action="store_true", help="store each distinct box once")
+    add_dedup_option(p)
     p.add_argument("--prefix", default=None, help="file name prefix (default: the source's)")
     p.add_argument("--node-local", action="store_true",
                    help="no shared filesystem: ranks open only their own rank directories; "
@@ -41,6 +41,6 @@ def run(args, comm):
     extra = {}
     if args.node_local:
         extra = {"budget": args.exchange_budget, "max_message": args.max_message}
-    return reshard(args.dist, args.out, dst, src_strategy=src, dedup=args.dedup,
+    return reshard(args.dist, args.out, dst, src_strategy=src, dedup=args.dedup or False,
                    prefix=args.prefix, node_local=args.node_local, comm=comm,
                    options=copy_options(args), **extra)

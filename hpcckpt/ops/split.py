@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..comm.wrapper import Comm, as_comm
 from ..layout.strategy import Strategy
-from ..planning.assign import dedup_assignment
+from ..planning.dedup import dedup_mode, plan_dedup
 from ..planning.outputs import divide_writes, rank_files
 from ..storage.inputs import open_input
 from ..storage.manifest import MANIFEST
@@ -12,24 +12,27 @@ from .filecopy import CopyOptions, prepare_output_dir, write_files
 from .result import OpResult
 
 
-def split(complete: str, out: str, strategy: Strategy, *, dedup: bool = False,
+def split(complete: str, out: str, strategy: Strategy, *, dedup: bool | str = False,
           prefix: str = "model", comm=None, options: CopyOptions = CopyOptions()) -> OpResult:
     """Write ``OUT/rank_<r>/{prefix}_rank_<r>.safetensors`` + strategy.yaml + manifest.json.
 
     Any job size works with any strategy world size: the job's ranks share the writing.
+    ``dedup``: True or "balanced" (each distinct box once, bytes per rank balanced),
+    "whole" (each box once, whole; what MindSpore's loader reads), False (every replica).
     """
     comm: Comm = as_comm(comm)
+    mode = dedup_mode(dedup)
     with comm.step("plan"):
         inp = open_input(complete)
         check_tensors_match(inp.source, strategy, str(complete), "the strategy")
-        files = rank_files(strategy, prefix, dedup_assignment(strategy) if dedup else None)
+        files = rank_files(strategy, prefix, plan_dedup(strategy, mode) if mode else None)
         pieces = divide_writes(files, comm.size)
     if not options.dry_run:
         prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(complete),))
 
     def commit(checksums):
-        commit_distributed(out, strategy, files, checksums, dedup, prefix, options.fsync)
+        commit_distributed(out, strategy, files, checksums, bool(mode), prefix, options.fsync)
 
     result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "split", options)
-    result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup})
+    result.extra.update({"strategy_world_size": strategy.world_size, "dedup": bool(mode)})
     return result
