@@ -9,6 +9,9 @@ Public API (SPEC 4)::
     hpcckpt.reshard("dist/", "dist2/", other_strategy, comm=MPI.COMM_WORLD)
     state = hpcckpt.load("dist/", strategy, comm=MPI.COMM_WORLD)    # this rank's slices
     state = hpcckpt.reshard_state(state, strategy, other_strategy, comm=MPI.COMM_WORLD)
+    with hpcckpt.CheckpointManager("out/checkpoint", strategy, MPI.COMM_WORLD) as mgr:
+        mgr.save(local_state, epoch=1, step=100)                    # training-style saves
+    state = hpcckpt.load("out/checkpoint", strategy, MPI.COMM_WORLD, step=(1, 100))
 
 Names are imported on first use, so a command (every rank of a job) imports only the
 modules it needs: start-up is part of every command's wall time.
@@ -26,6 +29,7 @@ _LAZY = {
     "Box": "layout", "Mesh": "layout", "Strategy": "layout", "TensorSpec": "layout",
     "load_strategy": "layout", "strategy_from_dict": "layout",
     "load": "ops.exchange", "reshard_state": "ops.exchange",
+    "CheckpointManager": "ops.save",
     "merge": "ops.merge", "reshard": "ops.reshard", "split": "ops.split",
 }
 

@@ -33,6 +33,19 @@ def add_dedup_option(p: argparse.ArgumentParser) -> None:
                    "(whole boxes, as MindSpore's loader reads)")
 
 
+def add_step_option(p: argparse.ArgumentParser) -> None:
+    """``--step EPOCH_STEP``: which committed step of a training directory to read."""
+    p.add_argument("--step", metavar="EPOCH_STEP", default=None,
+                   help="a training directory's committed step, e.g. 1_200 (default: the "
+                   "latest committed)")
+
+
+def at_step(path: str, step: str | None) -> str:
+    """The path to open for ``--step`` (the step's commit record), else ``path``."""
+    from ..storage.training import step_path
+    return step_path(path, step)
+
+
 def add_exchange_options(p: argparse.ArgumentParser) -> None:
     """Options of commands whose bytes travel between ranks over MPI."""
     g = p.add_argument_group("exchange options")

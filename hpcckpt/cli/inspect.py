@@ -6,7 +6,7 @@ import json
 
 from ..layout.loader import load_strategy
 from ..units import format_bytes
-from .common import examples
+from .common import add_step_option, at_step, examples
 
 HELP = "describe a checkpoint (any kind) or a strategy"
 EXAMPLES = examples("""
@@ -21,6 +21,7 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path")
     p.add_argument("--strategy", help="strategy for a distributed checkpoint without manifest")
+    add_step_option(p)
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run, prints_itself=True)
@@ -30,7 +31,8 @@ def run(args, comm):
     from ..ops.inspect import describe_path  # on use: start-up is every rank's wall time
     with comm.step("inspect"):
         strategy = load_strategy(args.strategy) if args.strategy else None
-        info = describe_path(args.path, strategy, args.tensors) if comm.rank == 0 else None
+        path = at_step(args.path, args.step)
+        info = describe_path(path, strategy, args.tensors) if comm.rank == 0 else None
     if comm.rank == 0:
         print(json.dumps(info) if args.json else render(info))
     return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..layout.loader import load_strategy
-from .common import add_exchange_options, add_run_options, add_simulate_options, examples
+from .common import add_exchange_options, add_step_option, at_step, add_run_options, add_simulate_options, examples
 
 HELP = "load this job's slices under a strategy from any checkpoint; report traffic per rank"
 EXAMPLES = examples("""
@@ -21,6 +21,7 @@ def register(sub) -> None:
                                 "de-duplicated, any strategy)")
     p.add_argument("--strategy", required=True, help="the layout to load into (world size = job)")
     p.add_argument("--src-strategy", help="source strategy (when PATH has no manifest.json)")
+    add_step_option(p)
     p.add_argument("--against", metavar="REF",
                    help="compare every loaded byte with checkpoint REF; differences are an error")
     add_run_options(p, writes=False)
@@ -34,6 +35,7 @@ def run(args, comm):
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy)
         src = load_strategy(args.src_strategy) if args.src_strategy else None
-    return load_job(args.path, strategy, comm, against=args.against, src_strategy=src,
+        path = at_step(args.path, args.step)
+    return load_job(path, strategy, comm, against=args.against, src_strategy=src,
                     dry_run=args.dry_run, buffer_size=args.buffer_size,
                     budget=args.exchange_budget, max_message=args.max_message)

@@ -5,7 +5,7 @@ import argparse
 
 from ..layout.loader import load_strategy
 from ..units import parse_size
-from .common import add_run_options, copy_options, examples
+from .common import add_run_options, add_step_option, at_step, copy_options, examples
 
 HELP = "distributed checkpoint -> complete weights (HF or MindSpore layout)"
 EXAMPLES = examples("""
@@ -26,6 +26,7 @@ def register(sub) -> None:
                    help="leave out tensors whose name starts with P (repeatable)")
     p.add_argument("--file-suffix", default="", metavar="SUF",
                    help="insert _SUF before .safetensors in shard names")
+    add_step_option(p)
     p.add_argument("--layout", choices=("hf", "ms"), default="hf")
     add_run_options(p)
     p.set_defaults(run=run)
@@ -33,10 +34,9 @@ def register(sub) -> None:
 
 def run(args, comm):
     from ..ops.merge import merge  # on use: start-up is every rank's wall time
-    strategy = None
-    if args.strategy:
-        with comm.step("read strategy"):
-            strategy = load_strategy(args.strategy)
-    return merge(args.dist, args.out, strategy=strategy, max_shard_size=args.max_shard_size,
+    with comm.step("read strategy"):
+        strategy = load_strategy(args.strategy) if args.strategy else None
+        dist = at_step(args.dist, args.step)
+    return merge(dist, args.out, strategy=strategy, max_shard_size=args.max_shard_size,
                  exclude_prefixes=tuple(args.exclude_prefix), file_suffix=args.file_suffix,
                  layout=args.layout, comm=comm, options=copy_options(args))

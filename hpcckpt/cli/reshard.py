@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from ..layout.loader import load_strategy
-from .common import (add_dedup_option, add_exchange_options, add_run_options, add_simulate_options, copy_options,
-                     examples)
+from .common import (add_dedup_option, add_exchange_options, add_run_options, add_simulate_options,
+                     add_step_option, at_step, copy_options, examples)
 
 HELP = "distributed checkpoint -> distributed checkpoint under another strategy"
 EXAMPLES = examples("""
@@ -23,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--strategy", required=True, help="destination strategy")
     p.add_argument("--src-strategy", help="source strategy (when DIST has no manifest.json)")
     add_dedup_option(p)
+    add_step_option(p)
     p.add_argument("--prefix", default=None, help="file name prefix (default: the source's)")
     p.add_argument("--node-local", action="store_true",
                    help="no shared filesystem: ranks open only their own rank directories; "
@@ -38,9 +39,10 @@ def run(args, comm):
     with comm.step("read strategy"):
         dst = load_strategy(args.strategy.format(rank=comm.rank))
         src = load_strategy(args.src_strategy.format(rank=comm.rank)) if args.src_strategy else None
+        dist = at_step(args.dist, args.step)
     extra = {}
     if args.node_local:
         extra = {"budget": args.exchange_budget, "max_message": args.max_message}
-    return reshard(args.dist, args.out, dst, src_strategy=src, dedup=args.dedup or False,
+    return reshard(dist, args.out, dst, src_strategy=src, dedup=args.dedup or False,
                    prefix=args.prefix, node_local=args.node_local, comm=comm,
                    options=copy_options(args), **extra)

@@ -34,6 +34,7 @@ from ..storage.chunkio import ChunkReader, copy_runs, write_runs_to_file
 from ..storage.safetensors_io import pwrite_all, start_writeback
 from ..storage.inputs import open_input, open_source, rank_dirs
 from ..storage.manifest import MANIFEST
+from ..storage.training import step_path
 from ..layout.yaml_io import write_strategy_yaml
 from .common import build_manifest, check_tensors_match
 from .filecopy import (DEFAULT_BUFFER, CopyOptions, _create, _fsync, _hash_entry, _open_rw,
@@ -315,8 +316,8 @@ def plan_load(source: SourceIndex, strategy: Strategy, rank: int) -> RoutePlan:
 
 def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDGET,
          max_message: int = DEFAULT_MAX_MESSAGE, buffer_size: int = DEFAULT_BUFFER,
-         stats: dict | None = None, src_strategy: Strategy | None = None
-         ) -> dict[str, "np.ndarray"]:
+         stats: dict | None = None, src_strategy: Strategy | None = None,
+         step: tuple[int, int] | str | None = None) -> dict[str, "np.ndarray"]:
     """This rank's slices of every tensor under ``strategy``, from any checkpoint.
 
     Complete HF weights or a distributed checkpoint of any strategy, full or
@@ -329,6 +330,8 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
         comm: mpi4py communicator or None (one process).
         src_strategy: the source's layout, only for a distributed checkpoint without a
             manifest (MindSpore's); otherwise everything is read from the files.
+        step: for a training directory (``CheckpointManager``), the committed step to
+            load, ``(epoch, step)`` or ``"EPOCH_STEP"``; default the latest committed.
         stats: if given, filled with ``per_rank`` counters (bytes_read from disk,
             bytes_received and bytes_sent over MPI), ``rounds``, ``seconds`` and
             ``unique_bytes``.
@@ -340,7 +343,7 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
     t0 = time.perf_counter()
     _check_world(strategy, comm)  # the same verdict on every rank: no step needed
     with comm.step("plan"):
-        inp = open_input(path, src_strategy, lazy=True)
+        inp = open_input(step_path(path, step), src_strategy, lazy=True)
         check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
         plan = plan_load(inp.source, strategy, comm.rank)
         out, targets = _allocate(strategy, comm.rank)

@@ -10,6 +10,7 @@ from ..layout.loader import load_strategy
 from ..layout.strategy import Strategy
 from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input
 from ..storage.manifest import MANIFEST
+from ..storage.training import is_record_path
 
 
 def describe_strategy(s: Strategy) -> dict:
@@ -25,7 +26,7 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
     p = Path(path)
     if p.is_file() and p.name in (HF_INDEX, MS_NAME_MAP, MANIFEST):
         p = p.parent   # the file that names a checkpoint's files stands for its directory
-    if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json"):
+    if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json") and not is_record_path(p):
         return describe_strategy(load_strategy(p))
     complete_marker = True
     problems = []

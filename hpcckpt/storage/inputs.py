@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError, UsageError
@@ -17,6 +17,7 @@ from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..planning.sources import (SourceChunk, SourceIndex, TensorInfo, check_tensor_chunks,
                                 group_chunks, strategy_source)
+from . import training
 from .manifest import MANIFEST, ManifestIndex, read_manifest
 from .safetensors_io import SafetensorsHeader, read_header, safe_join
 
@@ -64,6 +65,11 @@ def open_input(path: str | Path, strategy: Strategy | None = None,
     path = Path(path)
     if not path.exists():
         raise CheckpointIOError(f"{path}: no such file or directory")
+    if path.is_file() and training.is_record_path(path):   # one step of a training directory
+        return _training_step(path.parent.parent, path.parent.name + "/" + path.name,
+                              strategy, lazy)
+    if training.is_training_dir(path):
+        return _training_step(path, training.find_record(path).path, strategy, lazy)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise FormatError(f"{path}: not a .safetensors file")
@@ -129,13 +135,21 @@ def _complete(root: Path, files: list[str], desc: str, weight_map: dict | None =
     return InputCheckpoint("complete", str(root), source, tuple(files), description=desc)
 
 
+def _training_step(root: Path, record: str, strategy: Strategy | None,
+                   lazy: bool) -> InputCheckpoint:
+    """One committed step of a training directory: its record is its manifest."""
+    inp = _distributed_from_manifest(root, strategy, lazy, record)
+    return replace(inp, description=f"training directory, step {Path(record).stem.split('-', 1)[1]}"
+                   f" ({record}); " + inp.description)
+
+
 def _distributed_from_manifest(root: Path, strategy: Strategy | None,
-                               lazy: bool = False) -> InputCheckpoint:
-    """Chunks come from the manifest, decoded and checked (paths inside ``root``,
-    inside the tensor, no overlap, complete) per tensor on first use; unless ``lazy``,
-    every tensor is decoded and checked now."""
-    m = read_manifest(root)
-    where = str(root / MANIFEST)
+                               lazy: bool = False, name: str = MANIFEST) -> InputCheckpoint:
+    """Chunks come from the manifest (``name``), decoded and checked (paths inside
+    ``root``, inside the tensor, no overlap, complete) per tensor on first use; unless
+    ``lazy``, every tensor is decoded and checked now."""
+    m = read_manifest(root, name)
+    where = str(root / name)
     tensors = {name: TensorInfo(name, shape, dtype) for name, (shape, dtype) in m.shapes.items()}
     checked: set[str] = set()
 

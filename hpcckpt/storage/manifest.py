@@ -114,8 +114,9 @@ def _compact_chunk(pairs: list[tuple[str, object]]):
     return d
 
 
-def read_manifest(root: str | Path) -> ManifestIndex:
-    path = Path(root) / MANIFEST
+def read_manifest(root: str | Path, name: str = MANIFEST) -> ManifestIndex:
+    """``root/name`` (a training directory's step record is a manifest too)."""
+    path = Path(root) / name
     try:
         doc = json.loads(path.read_bytes(), object_pairs_hook=_compact_chunk)
     except FileNotFoundError:

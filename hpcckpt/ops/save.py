@@ -1,0 +1,538 @@
+"""Training-style saves: ``CheckpointManager`` (SPEC 4) writing training directories
+(SPEC 2.2, ``storage/training.py``).
+
+Every rank writes its own file of each saved step from memory; the step is committed
+by a record written last. One save, all steps collective (``Comm.step``: any rank's
+failure is every rank's failure):
+
+1. stage     check ``local_state`` against the strategy; async: copy this rank's
+             share into the manager's staging buffer (reused across saves)
+2. write     ``rank_<r>/<file>.partial`` at full size, header, data by positioned
+             writes straight from memory, xxh3-64 of every entry as it passes, fsync
+3. rename    every rank renames its file (and fsyncs its directory)
+4. commit    rank 0 writes ``commits/<seq>-<epoch>_<step>.json`` atomically (the
+             commit), then replaces ``latest``
+5. meta      every rank replaces its ``rank_<r>/meta.json``
+6. rotate    rank 0 removes the records of steps beyond ``keep_max`` (un-committing
+             them), then every rank removes those steps' files
+
+A crash anywhere leaves the previous committed step whole; the next manager opened on
+the directory removes whatever no record names (``storage.training.leftovers``).
+With ``async_save`` steps 2-6 run on a background thread over a duplicated
+communicator, so its collectives never meet the training job's.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import xxhash
+
+from ..comm.wrapper import Comm, as_comm
+from ..errors import FormatError, RankFailure, UsageError
+from ..layout.box import Box
+from ..layout.strategy import Strategy
+from ..layout.yaml_io import strategy_to_yaml
+from ..planning.dedup import DedupPlan, dedup_mode, plan_dedup
+from ..planning.outputs import OutputFile, rank_file
+from ..planning.runs import strided_runs
+from ..storage import training as tdir
+from ..storage.atomic import atomic_write_bytes, atomic_write_json
+from ..storage.chunkio import copy_runs
+from ..storage.safetensors_io import pwrite_all, start_writeback
+from .common import build_manifest
+from .filecopy import _create, _fsync, _open_rw, remove_files, rename_partials
+
+#: the exit status of ``hpcckpt save`` when it stopped because of a preemption signal
+#: (after committing the step): EX_TEMPFAIL, "try again later" - a job script requeues
+EXIT_PREEMPTED = 75
+_FAULT = "HPCCKPT_FAULT"   #: tests: "PHASE@RANK" kills that rank (SIGKILL) at PHASE
+
+
+def _fault(phase: str, rank: int) -> None:
+    """Crash-test hook: ``HPCCKPT_FAULT=write@1`` kills rank 1 in the write phase."""
+    want = os.environ.get(_FAULT)
+    if want and want == f"{phase}@{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class _Segment:
+    """One entry of this rank's file and where its bytes are now."""
+
+    index: int           #: entry index in the file
+    data: memoryview     #: contiguous bytes of the stored box (C order)
+
+
+class _Tree:
+    """One training directory being written: the main one, or the network-only one."""
+
+    def __init__(self, directory: str, strategy: Strategy, prefix: str, plan: DedupPlan | None,
+                 rank: int):
+        self.directory = str(directory)
+        self.strategy = strategy
+        self.prefix = prefix
+        self.plan = plan
+        self.rank = rank
+        self.suffix = 0
+        self.records: list[tdir.StepRecord] = []
+        self.strategy_file = "strategy.yaml"
+        # this rank's file layout; only its name changes from step to step
+        self.layout = rank_file(strategy, prefix, rank, plan, path="")
+
+    def path_of(self, epoch: int, step: int) -> str:
+        return tdir.step_file_name(self.prefix, self.suffix, self.rank, epoch, step)
+
+    def committed(self, epoch: int, step: int) -> bool:
+        return any((r.epoch, r.step, r.prefix, r.suffix) == (epoch, step, self.prefix, self.suffix)
+                   for r in self.records)
+
+    # ---- opening: adopt the directory, clean what no record names -------------------
+    def open(self, comm: Comm, fsync: bool) -> None:
+        root = Path(self.directory)
+        with comm.step(f"open {root}"):
+            if comm.rank == 0:
+                root.mkdir(parents=True, exist_ok=True)
+                (root / tdir.RECORDS).mkdir(exist_ok=True)
+                records = tdir.list_records(root)
+                self.strategy_file = _adopt_strategy(root, self.strategy, fsync)
+                dirs = sorted(int(p.name[5:]) for p in root.glob("rank_*")
+                              if p.name[5:].isdigit() and p.is_dir())
+                info = (records, self.strategy_file, dirs)
+            else:
+                info = None
+        records, self.strategy_file, dirs = comm.bcast(info)
+        self.records = records
+        referenced = {f for r in records for f in r.files}
+        with comm.step(f"clean up {root}"):
+            for d in dirs:
+                if d % comm.size == comm.rank:
+                    tdir.remove_paths(tdir.leftovers(root, d, referenced), fsync)
+            os.makedirs(root / f"rank_{self.rank}", exist_ok=True)
+            mine = os.listdir(root / f"rank_{self.rank}")
+            suffix = tdir.prefix_suffix(mine, self.prefix, self.rank)
+            if comm.rank == 0 and records:
+                latest = tdir.read_latest(root)
+                if latest is None or latest.get("record") != records[-1].path:
+                    tdir.write_latest(root, records[-1], fsync)   # repair after a crash
+        self.suffix = int(comm.allreduce_max(suffix))
+
+    # ---- one step ----------------------------------------------------------------------
+    def write_step(self, comm: Comm, segments: list[_Segment], epoch: int, step: int,
+                   keep_max: int, extra: dict | None, fsync: bool) -> dict:
+        """Steps 2-6 of the module docstring. Returns this rank's counters."""
+        t0 = time.perf_counter()
+        f = replace(self.layout, path=self.path_of(epoch, step))
+        final = os.path.join(self.directory, f.path)
+        created: list[str] = []
+        try:
+            with comm.step("write"):
+                _fault("write", comm.rank)
+                sums = _write_file(final, f, segments, fsync, created)
+            with comm.step("rename"):
+                rename_partials(created, fsync)
+            _fault("renamed", comm.rank)
+            gathered = comm.gather((f, sums))
+            with comm.step("commit"):
+                rec = self._commit(gathered, epoch, step, extra, fsync) if comm.rank == 0 else None
+        except RankFailure:
+            remove_files(created)
+            remove_files([final])   # renamed, but its step was not committed: a leftover
+            raise
+        rec = comm.bcast(rec)
+        self.records.append(rec)
+        with comm.step("latest"):
+            if comm.rank == 0:
+                tdir.write_latest(self.directory, rec, fsync)
+        with comm.step("meta"):
+            tdir.write_meta(self.directory, self.rank, epoch, step, f.path, fsync)
+        old = tdir.to_rotate(self.records, self.prefix, keep_max)
+        if old:
+            with comm.step("rotate"):
+                if comm.rank == 0:
+                    tdir.remove_paths([os.path.join(self.directory, r.path) for r in old], fsync)
+            _fault("rotate", comm.rank)
+            gone = {r.path for r in old}
+            self.records = [r for r in self.records if r.path not in gone]
+            with comm.step("rotate files"):
+                mine = [os.path.join(self.directory, p) for r in old for p in r.files
+                        if p.startswith(f"rank_{self.rank}/")]
+                tdir.remove_paths(mine, fsync)
+        return {"rank": comm.rank, "bytes_written": f.data_bytes,
+                "write_seconds": time.perf_counter() - t0}
+
+    def _commit(self, gathered, epoch: int, step: int, extra: dict | None,
+                fsync: bool) -> tdir.StepRecord:
+        files = [f for f, _ in gathered]
+        checksums = {(i, j): s for i, (_, sums) in enumerate(gathered) for j, s in sums.items()}
+        manifest = build_manifest(self.strategy, files, checksums, self.plan is not None,
+                                  self.prefix)
+        seq = (self.records[-1].sequence if self.records else 0) + 1
+        doc = manifest.to_dict()
+        doc["strategy"] = self.strategy_file
+        doc["commit"] = {"sequence": seq, "epoch": epoch, "step": step, "prefix": self.prefix,
+                         "suffix": self.suffix, "time": time.time(), "extra": extra or {}}
+        rel = tdir.record_name(seq, epoch, step)
+        atomic_write_json(os.path.join(self.directory, rel), doc, fsync)   # the commit
+        return tdir.StepRecord(seq, epoch, step, self.prefix, self.suffix, rel,
+                              tuple(f.path for f in files))
+
+
+def _adopt_strategy(root: Path, strategy: Strategy, fsync: bool) -> str:
+    """The strategy file of this run: ``strategy.yaml``, or ``strategy-<hash>.yaml`` when
+    an earlier run in the directory wrote a different layout there."""
+    text = strategy_to_yaml(strategy).encode()
+    for name in ("strategy.yaml", f"strategy-{xxhash.xxh3_64_hexdigest(text)}.yaml"):
+        p = root / name
+        if not p.exists():
+            atomic_write_bytes(p, text, fsync)
+            return name
+        if p.read_bytes() == text:
+            return name
+    raise FormatError(f"{root}: strategy-{xxhash.xxh3_64_hexdigest(text)}.yaml exists with "
+                      "other contents")
+
+
+def _write_file(final: str, f: OutputFile, segments: list[_Segment], fsync: bool,
+                created: list[str]) -> dict[int, str]:
+    """``final``.partial at full size: header, then every segment at its entry's place,
+    hashed as it passes; fsynced with ``fsync``. Returns {entry index: checksum}."""
+    created.append(_create(final, f, fsync))
+    path = created[-1]
+    sums = {}
+    fd = _open_rw(path)
+    try:
+        for s in segments:
+            e = f.entries[s.index]
+            sums[s.index] = "xxh3_64:" + xxhash.xxh3_64_hexdigest(s.data)
+            pwrite_all(fd, s.data, e.begin, path)
+            if fsync:
+                start_writeback(fd, e.begin, e.nbytes)
+        for j, e in enumerate(f.entries):
+            if e.nbytes == 0:
+                sums[j] = "xxh3_64:" + xxhash.xxh3_64_hexdigest(b"")
+        if fsync:
+            _fsync(fd, path)
+    finally:
+        os.close(fd)
+    return sums
+
+
+def _byte_view(obj: Any) -> tuple[memoryview, tuple | None, int | None]:
+    """A flat C-contiguous byte view of an array-like, with its shape and item size
+    (None for a plain buffer such as ``bytes``, whose length alone is checked). numpy
+    arrays, anything with the buffer protocol, torch CPU tensors through ``.numpy()``."""
+    if hasattr(obj, "__array__"):
+        import numpy as np
+        if not isinstance(obj, np.ndarray) and hasattr(obj, "numpy"):
+            obj = obj.numpy()
+        a = np.asarray(obj)
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        return memoryview(a.reshape(-1).view(np.uint8)), a.shape, a.dtype.itemsize
+    m = memoryview(obj)
+    if not m.c_contiguous:
+        raise FormatError("not C-contiguous")
+    return m.cast("B"), None, None
+
+
+class CheckpointManager:
+    """Saves during training, as MindSpore Transformers does, the HPC way.
+
+    Every rank passes its own slices; each rank writes one file per saved step from
+    memory; a step is committed when its record is written (after every rank's file is
+    complete and renamed). Old steps rotate out after each commit; replicas can be
+    de-duplicated with bytes per rank balanced; saves can run in the background. Every
+    call is collective: call it on every rank, in the same order.
+
+    Args:
+        directory: the training directory (``output/checkpoint``); created if needed.
+        strategy: the layout ``local_state`` follows (world size = the communicator's).
+        comm: mpi4py communicator, ``hpcckpt`` Comm, or None (one process).
+        prefix: file name prefix (``{prefix}_rank_<r>-{epoch}_{step}.safetensors``); a
+            prefix already used in the directory gets MindSpore's ``_<n>`` suffix.
+        keep_max: committed steps of this prefix kept; older ones are removed after each
+            commit (0 or None: keep all).
+        save_steps: ``save`` writes only when ``step % save_steps == 0``.
+        dedup: False (every replica writes its box), True/"balanced" (each distinct box
+            once, bytes per rank balanced), "whole" (each box once, whole).
+        async_save: ``save`` returns once this rank's bytes are staged in memory the
+            manager owns; a background thread writes and commits them.
+        network_only: also write the model parameters alone into
+            ``directory/../checkpoint_network``: a predicate ``name -> bool`` or name
+            prefixes to keep.
+        integrated: not implemented yet (complete HF weights); True is refused.
+        fsync: make every step durable before committing it (default True).
+
+    Example:
+        >>> mgr = CheckpointManager("out/checkpoint", strategy, MPI.COMM_WORLD,
+        ...                         prefix="llama", keep_max=3, save_steps=100, dedup=True)
+        >>> for step in range(1, 1001):
+        ...     train_one_step()
+        ...     mgr.save(local_state, epoch=1, step=step)   # writes every 100 steps
+        >>> mgr.close()
+    """
+
+    def __init__(self, directory: str | os.PathLike, strategy: Strategy, comm=None, *,
+                 prefix: str = "CKP", keep_max: int | None = 5, save_steps: int = 1,
+                 dedup: bool | str = False, async_save: bool = False,
+                 network_only: Callable[[str], bool] | Iterable[str] | None = None,
+                 integrated: bool = False, fsync: bool = True):
+        self.comm = as_comm(comm)
+        self.directory = str(directory)
+        self.strategy = strategy
+        self.save_steps = int(save_steps)
+        self.keep_max = keep_max
+        self.fsync = fsync
+        self.async_save = bool(async_save)
+        self.preempted = False
+        self.stats: list[dict] = []
+        self._signalled = False
+        self._handler_installed = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._staging: bytearray | None = None
+        self._closed = False
+        comm = self.comm
+        if strategy.world_size != comm.size:
+            raise UsageError(f"strategy has {strategy.world_size} ranks but the job has "
+                             f"{comm.size}; launch with mpiexec -n {strategy.world_size}")
+        if self.save_steps < 1:
+            raise UsageError(f"save_steps must be at least 1, not {save_steps}")
+        if integrated:
+            raise UsageError("integrated=True (complete weights written during training) "
+                             "is not implemented yet; save distributed and run hpcckpt merge")
+        if not prefix or "/" in prefix or prefix != prefix.strip():
+            raise UsageError(f"prefix {prefix!r}: must be a non-empty file name part")
+        mode = dedup_mode(dedup)
+        with comm.step("plan"):
+            plan = plan_dedup(strategy, mode) if mode else None
+            self._main = _Tree(self.directory, strategy, prefix, plan, comm.rank)
+            self._network: _Tree | None = None
+            if network_only is not None:
+                keep = _name_filter(network_only)
+                sub = Strategy(strategy.mesh, tuple(t for t in strategy.tensors if keep(t.name)))
+                net_dir = os.path.join(os.path.dirname(os.path.abspath(self.directory)),
+                                       "checkpoint_network")
+                self._network = _Tree(net_dir, sub, prefix,
+                                      plan_dedup(sub, mode) if mode else None, comm.rank)
+        self._trees = [t for t in (self._main, self._network) if t is not None]
+        for tree in self._trees:
+            tree.open(comm, fsync)
+        self._io = comm
+        if self.async_save:
+            self._io = _duplicate(comm)
+
+    # ---- public API ----------------------------------------------------------------
+    def save(self, local_state: Mapping[str, Any], epoch: int, step: int,
+             extra: dict | None = None) -> bool:
+        """Save this step if ``step % save_steps == 0`` (or a preemption signal arrived
+        on any rank since the last call). Collective.
+
+        Args:
+            local_state: ``{tensor name: this rank's slice}`` for every tensor the
+                strategy gives this rank (numpy arrays, or anything with the buffer
+                protocol, shaped as the rank's box).
+            epoch, step: the training position (file names, records, ``meta.json``).
+            extra: a JSON-serialisable dict stored in the step's commit record.
+        Returns:
+            True if this call started (async) or completed a save.
+        Raises:
+            RankFailure: on every rank, if any rank failed in this save, or in the
+                previous asynchronous one.
+        """
+        self._check_open()
+        signalled = self._agree_on_signal()
+        if self.preempted:
+            return False
+        if not signalled and step % self.save_steps:
+            return False
+        self.wait()   # at most one save in flight; raises its failure on every rank
+        if all(t.committed(epoch, step) for t in self._trees):
+            return False
+        t0 = time.perf_counter()
+        with self.comm.step("stage"):
+            _fault("stage", self.comm.rank)
+            segments = [self._segments(t, local_state, stage=self.async_save)
+                        for t in self._trees]
+        stall = time.perf_counter() - t0
+        if self.async_save and not signalled:
+            self._thread = threading.Thread(
+                target=self._run, args=(segments, epoch, step, extra, t0, stall),
+                name="hpcckpt-save", daemon=True)
+            self._thread.start()
+        else:
+            self._run(segments, epoch, step, extra, t0, stall)
+            self._raise_pending()
+        if signalled:
+            self.preempted = True
+        return True
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any; raise its failure (on every rank)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Finish the save in flight and release the manager's resources (collective)."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._staging = None
+            if self._io is not self.comm and self._io.mpi is not None:
+                self._io.mpi.Free()
+
+    def latest(self) -> tuple[int, int] | None:
+        """(epoch, step) of the newest committed step in the directory, or None."""
+        recs = self._main.records
+        return (recs[-1].epoch, recs[-1].step) if recs else None
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held for asynchronous saves (this rank's share of one step)."""
+        return len(self._staging) if self._staging is not None else 0
+
+    def install_signal_handler(self, signals=(signal.SIGUSR1, signal.SIGTERM)) -> None:
+        """On any of ``signals`` (on any rank), the next ``save()`` call saves its step on
+        every rank, whatever ``save_steps`` says, waits for the commit and sets
+        ``preempted``; later calls do nothing. The training loop then exits (and the job
+        requeues). Main thread only (Python's rule for signal handlers).
+        """
+        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+            self._signalled = True
+        for s in signals:
+            signal.signal(s, handler)
+        self._handler_installed = True
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals -----------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("CheckpointManager is closed")
+
+    def _agree_on_signal(self) -> bool:
+        """Ranks agree (one small allreduce per call) whether any rank was signalled."""
+        if not self._handler_installed:
+            return False
+        return bool(self.comm.allreduce_max(1 if self._signalled else 0))
+
+    def _segments(self, tree: _Tree, local_state: Mapping[str, Any],
+                  stage: bool) -> list[_Segment]:
+        """Where each entry's bytes are: views of the caller's arrays, or (``stage``)
+        copies in the manager's staging buffer."""
+        rank = self.comm.rank
+        f = tree.layout
+        held = {t.name: (t, box) for t, box in tree.strategy.rank_boxes(rank)}
+        if tree is self._main:
+            extra = [n for n in local_state if n not in tree.strategy]
+            if extra:
+                more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+                raise FormatError(f"rank {rank}: local_state has tensor {extra[0]!r}{more} "
+                                  "that the strategy does not describe")
+            for t, box in held.values():
+                _check_slice(rank, t, box, local_state)
+        if stage:
+            need = sum(tr.layout.data_bytes for tr in self._trees)
+            if self._staging is None or len(self._staging) != need:
+                self._staging = bytearray(need)
+            base = sum(tr.layout.data_bytes for tr in self._trees[:self._trees.index(tree)])
+        out = []
+        for j, e in enumerate(f.entries):
+            if e.nbytes == 0:
+                continue
+            t, box = held[e.name]
+            view, _, _ = _byte_view(local_state[e.name])
+            if stage:
+                dst = memoryview(self._staging)[base + e.begin - len(f.header):
+                                                base + e.end - len(f.header)]
+                _copy_box(view, box, e.box, t.itemsize, dst)
+                out.append(_Segment(j, dst))
+            elif e.box == box:
+                out.append(_Segment(j, view))
+            else:
+                buf = bytearray(e.nbytes)
+                _copy_box(view, box, e.box, t.itemsize, memoryview(buf))
+                out.append(_Segment(j, memoryview(buf)))
+        return out
+
+    def _run(self, segments, epoch, step, extra, t0, stall) -> None:
+        """Steps 2-6 for every tree, on the I/O communicator; failures are kept for
+        ``wait``/``save``/``close`` (identical on every rank: they come from steps)."""
+        try:
+            rows = [tree.write_step(self._io, segs, epoch, step, self.keep_max, extra, self.fsync)
+                    for tree, segs in zip(self._trees, segments)]
+            self.stats.append({"epoch": epoch, "step": step, "stall_seconds": stall,
+                               "seconds": time.perf_counter() - t0,
+                               "bytes_written": sum(r["bytes_written"] for r in rows),
+                               "write_seconds": sum(r["write_seconds"] for r in rows)})
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait() on the main thread
+            self._error = e
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+
+def _check_slice(rank: int, t, box: Box, local_state: Mapping[str, Any]) -> None:
+    a = local_state.get(t.name)
+    if a is None:
+        raise FormatError(f"rank {rank}: local_state lacks tensor {t.name!r} (its box {box})")
+    try:
+        view, shape, isz = _byte_view(a)
+    except (TypeError, ValueError, FormatError) as e:
+        raise FormatError(f"rank {rank}: tensor {t.name!r}: not an array or buffer "
+                          f"({type(a).__name__}: {e})") from None
+    want = box.volume * t.itemsize
+    if (shape is not None and tuple(shape) != box.sizes and not (box.sizes == () and
+                                                                 tuple(shape) in ((), (1,)))) \
+            or (isz is not None and isz != t.itemsize) or len(view) != want:
+        got = f"{list(shape) if shape is not None else '?'} of {isz}-byte items"
+        raise FormatError(f"rank {rank}: tensor {t.name!r} is {got} ({len(view)} bytes) but "
+                          f"the strategy gives this rank {t.dtype} {list(box.sizes)} at {box}")
+
+
+def _copy_box(src: memoryview, held: Box, stored: Box, itemsize: int, dst: memoryview) -> None:
+    """C-order bytes of ``stored`` (inside ``held``) from ``src`` (``held``'s bytes)."""
+    if stored == held:
+        dst[:] = src
+        return
+    copy_runs(strided_runs(stored, held, stored, itemsize), src, 0, dst, 0)
+
+
+def _name_filter(spec) -> Callable[[str], bool]:
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        spec = (spec,)
+    prefixes = tuple(spec)
+    return lambda name: name.startswith(prefixes)
+
+
+def _duplicate(comm: Comm) -> Comm:
+    """A communicator of the same ranks for the background thread (collective)."""
+    if comm.mpi is None:
+        return Comm(None)
+    from mpi4py import MPI
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise UsageError("async_save needs MPI initialised with MPI_THREAD_MULTIPLE "
+                         f"(this MPI provides level {MPI.Query_thread()})")
+    io = Comm(comm.mpi.Dup())
+    io.debug = comm.debug
+    return io
+
