@@ -16,11 +16,12 @@ from . import inspect as inspect_cmd
 from . import load as load_cmd
 from . import merge as merge_cmd
 from . import reshard as reshard_cmd
+from . import save as save_cmd
 from . import split as split_cmd
 from . import strategy as strategy_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd)
+COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, save_cmd, strategy_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.run(args, comm)
         if result is not None and (comm.rank == 0 or simulate is not None):
             print_result(result, getattr(args, "json", False))
-        return 0
+        return result.extra.get("exit_status", 0) if result is not None else 0
     except RankFailure as e:
         if comm.rank == 0:
             print(f"{name}: error: {e}", file=sys.stderr)

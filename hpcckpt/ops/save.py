@@ -51,13 +51,14 @@ from .filecopy import _create, _fsync, _open_rw, remove_files, rename_partials
 #: the exit status of ``hpcckpt save`` when it stopped because of a preemption signal
 #: (after committing the step): EX_TEMPFAIL, "try again later" - a job script requeues
 EXIT_PREEMPTED = 75
-_FAULT = "HPCCKPT_FAULT"   #: tests: "PHASE@RANK" kills that rank (SIGKILL) at PHASE
+_FAULT = "HPCCKPT_FAULT"   #: tests: "PHASE@RANK[:STEP]" kills that rank (SIGKILL) there
 
 
-def _fault(phase: str, rank: int) -> None:
-    """Crash-test hook: ``HPCCKPT_FAULT=write@1`` kills rank 1 in the write phase."""
+def _fault(phase: str, rank: int, step: int) -> None:
+    """Crash-test hook: ``HPCCKPT_FAULT=write@1:3`` kills rank 1 (SIGKILL) in the write
+    phase of step 3 (``write@1``: of any step)."""
     want = os.environ.get(_FAULT)
-    if want and want == f"{phase}@{rank}":
+    if want and want in (f"{phase}@{rank}", f"{phase}@{rank}:{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -132,11 +133,11 @@ class _Tree:
         created: list[str] = []
         try:
             with comm.step("write"):
-                _fault("write", comm.rank)
                 sums = _write_file(final, f, segments, fsync, created)
+                _fault("write", comm.rank, step)   # written, not renamed
             with comm.step("rename"):
                 rename_partials(created, fsync)
-            _fault("renamed", comm.rank)
+            _fault("renamed", comm.rank, step)
             gathered = comm.gather((f, sums))
             with comm.step("commit"):
                 rec = self._commit(gathered, epoch, step, extra, fsync) if comm.rank == 0 else None
@@ -156,7 +157,7 @@ class _Tree:
             with comm.step("rotate"):
                 if comm.rank == 0:
                     tdir.remove_paths([os.path.join(self.directory, r.path) for r in old], fsync)
-            _fault("rotate", comm.rank)
+            _fault("rotate", comm.rank, step)
             gone = {r.path for r in old}
             self.records = [r for r in self.records if r.path not in gone]
             with comm.step("rotate files"):
@@ -357,7 +358,7 @@ class CheckpointManager:
             return False
         t0 = time.perf_counter()
         with self.comm.step("stage"):
-            _fault("stage", self.comm.rank)
+            _fault("stage", self.comm.rank, step)
             segments = [self._segments(t, local_state, stage=self.async_save)
                         for t in self._trees]
         stall = time.perf_counter() - t0
@@ -502,9 +503,10 @@ def _check_slice(rank: int, t, box: Box, local_state: Mapping[str, Any]) -> None
     if (shape is not None and tuple(shape) != box.sizes and not (box.sizes == () and
                                                                  tuple(shape) in ((), (1,)))) \
             or (isz is not None and isz != t.itemsize) or len(view) != want:
-        got = f"{list(shape) if shape is not None else '?'} of {isz}-byte items"
-        raise FormatError(f"rank {rank}: tensor {t.name!r} is {got} ({len(view)} bytes) but "
-                          f"the strategy gives this rank {t.dtype} {list(box.sizes)} at {box}")
+        got = (f"{list(shape)} of {isz}-byte items ({len(view)} bytes)" if shape is not None
+               else f"a buffer of {len(view)} bytes")
+        raise FormatError(f"rank {rank}: tensor {t.name!r} is {got} but the strategy gives "
+                          f"this rank {t.dtype} {list(box.sizes)} at {box} ({want} bytes)")
 
 
 def _copy_box(src: memoryview, held: Box, stored: Box, itemsize: int, dst: memoryview) -> None:
@@ -536,3 +538,124 @@ def _duplicate(comm: Comm) -> Comm:
     io.debug = comm.debug
     return io
 
+
+
+# ---- the ``hpcckpt save`` job: training-style saves of real or synthetic state ----------
+def synthetic_slice(name: str, dtype: str, shape: tuple[int, ...], box: Box,
+                    step: int = 0) -> Any:
+    """``box`` of a pseudo-random tensor that depends only on its name, dtype and shape
+    (so every strategy's slices of it agree, and a test can rebuild any of them), with
+    its first byte set to ``step % 256`` (what "training" changed). Rows are drawn in
+    blocks of about 1 MiB, so a slice costs its own rows, not the whole tensor."""
+    import math
+    import zlib
+
+    import numpy as np
+
+    from ..dtypes import itemsize, numpy_dtype
+    isz = itemsize(dtype)
+    seed = zlib.crc32(f"{name}|{dtype}|{list(shape)}".encode())
+    row = math.prod(shape[1:]) * isz if shape else isz
+    rows = shape[0] if shape else 1
+    a, b = (box.offsets[0], box.offsets[0] + box.sizes[0]) if shape else (0, 1)
+    out = bytearray((b - a) * row)
+    per = max(1, (1 << 20) // max(row, 1))
+    for k in range(a // per, -(-b // per) if b > a else a // per):
+        lo, hi = k * per, min(rows, (k + 1) * per)
+        block = np.random.default_rng([seed, k]).bytes((hi - lo) * row)
+        s, e = max(lo, a), min(hi, b)
+        out[(s - a) * row:(e - a) * row] = block[(s - lo) * row:(e - lo) * row]
+    if a == 0 and out and math.prod(shape):
+        out[0] = step % 256
+    full_rows = np.frombuffer(out, numpy_dtype(dtype)).reshape((b - a, *shape[1:]) if shape else ())
+    if not shape:
+        return full_rows.copy()
+    index = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(box.offsets[1:], box.sizes[1:]))
+    return np.ascontiguousarray(full_rows[index])
+
+
+def synthetic_state(strategy: Strategy, rank: int, step: int = 0) -> dict[str, Any]:
+    """This rank's slices of the synthetic tensors (``synthetic_slice``)."""
+    return {t.name: synthetic_slice(t.name, t.dtype, t.shape, box, step)
+            for t, box in strategy.rank_boxes(rank)}
+
+
+def _pretend_training(state: Mapping[str, Any], held: Mapping[str, Box], step: int) -> None:
+    """What a training step changes, cheaply: the first byte of every tensor (written
+    by the ranks whose slice holds it, replicas alike)."""
+    for name, a in state.items():
+        box = held[name]
+        view, _, _ = _byte_view(a)
+        if len(view) and not any(box.offsets):
+            view[0] = step % 256
+
+
+def save_job(out: str, strategy: Strategy, comm=None, *, source: str | None = None,
+             steps: int = 1, save_steps: int = 1, compute_seconds: float = 0.0,
+             dedup: bool | str = False, async_save: bool = False, keep_max: int | None = 5,
+             prefix: str = "CKP", epoch: int = 1, fsync: bool = True,
+             handle_signals: bool = True) -> "OpResult":
+    """Run ``steps`` pretend training steps, saving every ``save_steps`` into ``out``.
+
+    The state is ``source``'s weights loaded under ``strategy`` (any checkpoint), or
+    synthetic bytes. When ``out`` already holds a committed step, training resumes from
+    it: its state is loaded and steps continue after it. A preemption signal (SIGUSR1,
+    SIGTERM) saves the current step and stops; the result then says ``preempted`` and
+    carries ``exit_status`` ``EXIT_PREEMPTED``.
+    """
+    from .exchange import load
+    from .result import OpResult
+    comm = as_comm(comm)
+    t0 = time.perf_counter()
+    with comm.step("check"):
+        resume = tdir.find_record(out) if tdir.list_records(out) else None
+    start, resumed = 1, None
+    if resume is not None:
+        state = load(out, strategy, comm)
+        start, resumed = resume.step + 1, resume.label
+        epoch = resume.epoch
+    elif source is not None:
+        state = load(source, strategy, comm)
+    else:
+        with comm.step("synthetic state"):
+            state = synthetic_state(strategy, comm.rank)
+    held = {t.name: box for t, box in strategy.rank_boxes(comm.rank)}
+    saved = 0
+    with CheckpointManager(out, strategy, comm, prefix=prefix, keep_max=keep_max,
+                           save_steps=save_steps, dedup=dedup, async_save=async_save,
+                           fsync=fsync) as mgr:
+        if handle_signals:
+            mgr.install_signal_handler()
+        t_loop = time.perf_counter()
+        for step in range(start, steps + 1):
+            if compute_seconds:
+                time.sleep(compute_seconds)
+            _pretend_training(state, held, step)
+            saved += mgr.save(state, epoch, step)
+            if mgr.preempted:
+                break
+        mgr.wait()
+        loop = time.perf_counter() - t_loop
+        staging = mgr.staging_bytes
+        stats = list(mgr.stats)
+        preempted = mgr.preempted
+        latest = mgr.latest()
+    written = sum(s["bytes_written"] for s in stats)
+    write_s = sum(s["write_seconds"] for s in stats)
+    rows = comm.allgather({"rank": comm.rank, "bytes_read": 0, "bytes_written": written,
+                           "write_seconds": round(write_s, 6), "staging_bytes": staging,
+                           "write_gb_per_s": round(written / write_s / 1e9, 3) if write_s else 0})
+    stalls = [max(x) for x in zip(*comm.allgather([s["stall_seconds"] for s in stats]))]
+    per_save = [max(x) for x in zip(*comm.allgather([s["seconds"] for s in stats]))]
+    extra = {"saves": len(stats), "steps": steps, "resumed_from": resumed,
+             "latest": f"{latest[0]}_{latest[1]}" if latest else None,
+             "dedup": dedup_mode(dedup) or False, "async": async_save,
+             "stall_seconds": [round(x, 6) for x in stalls],
+             "save_seconds": [round(x, 6) for x in per_save],
+             "loop_seconds": round(comm.allreduce_max(loop), 6),
+             "compute_seconds": compute_seconds, "preempted": preempted,
+             "exit_status": EXIT_PREEMPTED if preempted else 0}
+    files = len(stats) * strategy.world_size
+    return OpResult.from_rows("save", out, files, rows,
+                              comm.allreduce_max(time.perf_counter() - t0), comm.size,
+                              extra=extra)
