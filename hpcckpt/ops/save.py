@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 import xxhash
 
 from ..comm.wrapper import Comm, as_comm
-from ..errors import FormatError, RankFailure, UsageError
+from ..errors import FormatError, UsageError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
@@ -141,7 +141,7 @@ class _Tree:
             gathered = comm.gather((f, sums))
             with comm.step("commit"):
                 rec = self._commit(gathered, epoch, step, extra, fsync) if comm.rank == 0 else None
-        except RankFailure:
+        except BaseException:   # RankFailure; in one process the error itself
             remove_files(created)
             remove_files([final])   # renamed, but its step was not committed: a leftover
             raise
