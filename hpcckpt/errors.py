@@ -30,6 +30,10 @@ class UsageError(HpcckptError, ValueError):
     """Arguments that cannot work together."""
 
 
+class Interrupted(HpcckptError):
+    """SIGTERM or SIGINT arrived while a job was writing; what it created is removed."""
+
+
 class RankFailure(HpcckptError, RuntimeError):
     """Raised identically on every rank when one or more ranks failed in a collective step.
 

@@ -15,6 +15,7 @@ from itertools import accumulate
 from typing import Any, Iterator
 
 from ..errors import HpcckptError, RankFailure
+from . import interrupts
 
 
 class Comm:
@@ -78,6 +79,7 @@ class Comm:
         """Run a block on every rank; if any rank raises, all raise the same RankFailure."""
         error: str | None = None
         try:
+            interrupts.step_entered()   # a signal received between steps fails here
             yield
         except RankFailure:
             raise  # already shared by a nested collective step
@@ -87,6 +89,8 @@ class Comm:
                 if isinstance(e, HpcckptError) or not isinstance(e, Exception):
                     raise
                 raise RankFailure(name, {0: error}) from e
+        finally:
+            interrupts.step_left()
         self.check(name, error)
 
     def check(self, name: str, error: str | None) -> None:

@@ -203,4 +203,6 @@ def read_strategy_yaml(path: str | Path) -> Strategy:
 
 
 def write_strategy_yaml(strategy: Strategy, path: str | Path) -> None:
-    Path(path).write_text(strategy_to_yaml(strategy))
+    """Whole or not at all (a full disk leaves no empty file), errors naming ``path``."""
+    from ..storage.atomic import atomic_write_bytes
+    atomic_write_bytes(path, strategy_to_yaml(strategy).encode())

@@ -1,16 +1,13 @@
 """Pieces shared by the distributed-output operations (split, reshard)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from ..errors import FormatError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..layout.yaml_io import write_strategy_yaml
+from ..layout.yaml_io import strategy_to_yaml
 from ..planning.outputs import OutputFile
 from ..planning.sources import SourceIndex
-from ..storage.atomic import atomic_write_json
+from ..storage.atomic import json_bytes
 from ..storage.manifest import MANIFEST, Manifest, ManifestChunk, ManifestTensor
 
 
@@ -43,15 +40,19 @@ def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[
                     tuple(f.path for f in files), "strategy.yaml", prefix)
 
 
-def commit_distributed(out: str, strategy: Strategy, files: list[OutputFile],
-                       checksums: dict[tuple[int, int], str], dedup: bool, prefix: str,
-                       fsync: bool) -> None:
-    """Rank 0, last: the strategy, then the manifest (its presence means complete)."""
-    for r in range(strategy.world_size):  # ranks holding nothing still get their directory
-        os.makedirs(os.path.join(out, f"rank_{r}"), exist_ok=True)
-    write_strategy_yaml(strategy, Path(out) / "strategy.yaml")
+def rank_dirs_of(strategy: Strategy) -> list[str]:
+    """Every rank's directory: ranks holding nothing still get theirs."""
+    return [f"rank_{r}" for r in range(strategy.world_size)]
+
+
+def distributed_records(strategy: Strategy, files: list[OutputFile],
+                        checksums: dict[tuple[int, int], str], dedup: bool,
+                        prefix: str) -> list[tuple[str, bytes]]:
+    """The records of a distributed checkpoint, in commit order: the strategy, then the
+    manifest (its presence means complete)."""
     manifest = build_manifest(strategy, files, checksums, dedup, prefix)
-    atomic_write_json(Path(out) / MANIFEST, manifest.to_dict(), fsync)
+    return [("strategy.yaml", strategy_to_yaml(strategy).encode()),
+            (MANIFEST, json_bytes(manifest.to_dict()))]
 
 
 def full_box(shape) -> Box:

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..comm.wrapper import Comm, as_comm
 from ..errors import UsageError
 from ..layout.strategy import Strategy
 from ..planning.outputs import OutputFile, divide_writes, hf_files, hf_index
-from ..storage.atomic import atomic_write_bytes, atomic_write_json
+from ..storage.atomic import json_bytes
 from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input
 from ..storage.safetensors_io import build_header
-from .filecopy import CopyOptions, prepare_output_dir, write_files
+from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
 
@@ -37,32 +36,32 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         files = hf_files(tensors, max_shard_size, file_suffix, layout)
         pieces = divide_writes(files, comm.size)
     markers = (HF_INDEX, MS_NAME_MAP) + tuple(f.path for f in files)
-    if not options.dry_run:
-        prepare_output_dir(comm, out, options.overwrite, markers,
-                           inputs=(str(dist),))
 
-    def commit(checksums):
-        _commit_complete(out, files, layout, inp.root, options.fsync)
+    def records(checksums):
+        return _complete_records(files, layout, inp.root)
 
     # complete weights carry no checksums: nothing to hash
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "merge", options,
-                         marker_first=True, checksums_needed=False)
+    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "merge", options,
+                         inputs=(str(dist),), markers=markers, marker_first=True,
+                         checksums_needed=False)
     result.extra.update({"layout": layout, "tensors": len(tensors),
                          "shards": [f.path for f in files]})
     return result
 
 
-def _commit_complete(out: str, files: list[OutputFile], layout: str, src_root: str,
-                     fsync: bool) -> None:
+def _complete_records(files: list[OutputFile], layout: str,
+                      src_root: str) -> list[tuple[str, bytes]]:
+    """The name map (with MindSpore's hyper parameters) or the HF index; a single HF
+    shard has none (its rename is the commit)."""
     if layout == "ms":
-        _write_hyper_params(out, src_root, fsync)
-        atomic_write_json(Path(out) / MS_NAME_MAP,
-                          {e.name: f.path for f in files for e in f.entries}, fsync)
-    elif len(files) > 1:
-        atomic_write_json(Path(out) / HF_INDEX, hf_index(files), fsync)
+        return [("hyper_param.safetensors", _hyper_params(src_root)),
+                (MS_NAME_MAP, json_bytes({e.name: f.path for f in files for e in f.entries}))]
+    if len(files) > 1:
+        return [(HF_INDEX, json_bytes(hf_index(files)))]
+    return []
 
 
-def _write_hyper_params(out: str, src_root: str, fsync: bool) -> None:
+def _hyper_params(src_root: str) -> bytes:
     """MindSpore keeps epoch/step beside the merged parts; take them from rank_0/meta.json."""
     meta_path = Path(src_root) / "rank_0" / "meta.json"
     epoch = step = 0
@@ -74,5 +73,4 @@ def _write_hyper_params(out: str, src_root: str, fsync: bool) -> None:
             pass
     import numpy as np
     head, _ = build_header([("epoch_num", "I64", ()), ("step_num", "I64", ())], {"format": "ms"})
-    data = np.array([epoch, step], "<i8").tobytes()
-    atomic_write_bytes(os.path.join(out, "hyper_param.safetensors"), head + data, fsync)
+    return head + np.array([epoch, step], "<i8").tobytes()

@@ -15,8 +15,8 @@ from ..planning.outputs import OutputFile, divide_writes, rank_file, rank_files
 from ..planning.sources import SourceIndex
 from ..storage.inputs import open_source
 from ..storage.manifest import MANIFEST
-from .common import check_tensors_match, commit_distributed
-from .filecopy import CopyOptions, prepare_output_dir, write_files
+from .common import check_tensors_match, distributed_records, rank_dirs_of
+from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
 
@@ -43,13 +43,13 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
         pieces = divide_writes(files, comm.size)
         for p in pieces[comm.rank]:
             inp.source.chunks(files[p.file].entries[p.entry].name)  # decoded and checked now
-    if not options.dry_run:
-        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(dist),))
 
-    def commit(checksums):
-        commit_distributed(out, strategy, files, checksums, bool(mode), prefix, options.fsync)
+    def records(checksums):
+        return distributed_records(strategy, files, checksums, bool(mode), prefix)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "reshard", options)
+    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "reshard",
+                         options, inputs=(str(dist),), markers=(MANIFEST,),
+                         dirs=rank_dirs_of(strategy))
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": bool(mode),
                          "transport": "shared-fs"})
     return result

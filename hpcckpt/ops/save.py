@@ -42,11 +42,10 @@ from ..planning.dedup import DedupPlan, dedup_mode, plan_dedup
 from ..planning.outputs import OutputFile, rank_file
 from ..planning.runs import strided_runs
 from ..storage import training as tdir
-from ..storage.atomic import atomic_write_bytes, atomic_write_json
+from ..storage.atomic import atomic_write_bytes, json_bytes
 from ..storage.chunkio import copy_runs
-from ..storage.safetensors_io import pwrite_all, start_writeback
 from .common import build_manifest
-from .filecopy import _create, _fsync, _open_rw, remove_files, rename_partials
+from .commit import OutputCommit, WriteOptions
 
 #: the exit status of ``hpcckpt save`` when it stopped because of a preemption signal
 #: (after committing the step): EX_TEMPFAIL, "try again later" - a job script requeues
@@ -126,26 +125,32 @@ class _Tree:
     # ---- one step ----------------------------------------------------------------------
     def write_step(self, comm: Comm, segments: list[_Segment], epoch: int, step: int,
                    keep_max: int, extra: dict | None, fsync: bool) -> dict:
-        """Steps 2-6 of the module docstring. Returns this rank's counters."""
+        """Steps 2-6 of the module docstring, the file protocol being ``OutputCommit``'s
+        (temporary names, fsync, rename when every rank is done, the record last, undo
+        on failure). Returns this rank's counters."""
         t0 = time.perf_counter()
         f = replace(self.layout, path=self.path_of(epoch, step))
         final = os.path.join(self.directory, f.path)
-        created: list[str] = []
+        opts = WriteOptions(fsync=fsync, progress=False)
         try:
-            with comm.step("write"):
-                sums = _write_file(final, f, segments, fsync, created)
-                _fault("write", comm.rank, step)   # written, not renamed
-            with comm.step("rename"):
-                rename_partials(created, fsync)
-            _fault("renamed", comm.rank, step)
-            gathered = comm.gather((f, sums))
-            with comm.step("commit"):
-                rec = self._commit(gathered, epoch, step, extra, fsync) if comm.rank == 0 else None
+            with OutputCommit(comm, self.directory, {self.rank: f}, options=opts,
+                              op="hpcckpt save", keep_existing=True) as job:
+                job.create([self.rank])
+                with comm.step("write"):
+                    for sg in segments:
+                        job.write(self.rank, sg.index, 0, sg.data)
+                    _fault("write", comm.rank, step)   # written, not renamed
+                layouts = comm.gather(f)
+                doc = {}
+
+                def records(checksums):
+                    doc.update(self._record(layouts, checksums, epoch, step, extra))
+                    return _Records([(doc["path"], json_bytes(doc["doc"]))], comm.rank, step)
+                job.commit(records)
         except BaseException:   # RankFailure; in one process the error itself
-            remove_files(created)
             remove_files([final])   # renamed, but its step was not committed: a leftover
             raise
-        rec = comm.bcast(rec)
+        rec = comm.bcast(doc.get("record"))
         self.records.append(rec)
         with comm.step("latest"):
             if comm.rank == 0:
@@ -167,11 +172,12 @@ class _Tree:
         return {"rank": comm.rank, "bytes_written": f.data_bytes,
                 "write_seconds": time.perf_counter() - t0}
 
-    def _commit(self, gathered, epoch: int, step: int, extra: dict | None,
-                fsync: bool) -> tdir.StepRecord:
-        files = [f for f, _ in gathered]
-        checksums = {(i, j): s for i, (_, sums) in enumerate(gathered) for j, s in sums.items()}
-        manifest = build_manifest(self.strategy, files, checksums, self.plan is not None,
+    def _record(self, layouts: list[OutputFile], checksums: dict, epoch: int, step: int,
+                extra: dict | None) -> dict:
+        """Rank 0: the step's commit record (a manifest plus the "commit" fields)."""
+        sums = {(i, j): checksums[(r, j)] for i, r in enumerate(f.rank for f in layouts)
+                for j in range(len(layouts[i].entries))}
+        manifest = build_manifest(self.strategy, layouts, sums, self.plan is not None,
                                   self.prefix)
         seq = (self.records[-1].sequence if self.records else 0) + 1
         doc = manifest.to_dict()
@@ -179,9 +185,22 @@ class _Tree:
         doc["commit"] = {"sequence": seq, "epoch": epoch, "step": step, "prefix": self.prefix,
                          "suffix": self.suffix, "time": time.time(), "extra": extra or {}}
         rel = tdir.record_name(seq, epoch, step)
-        atomic_write_json(os.path.join(self.directory, rel), doc, fsync)   # the commit
-        return tdir.StepRecord(seq, epoch, step, self.prefix, self.suffix, rel,
-                              tuple(f.path for f in files))
+        rec = tdir.StepRecord(seq, epoch, step, self.prefix, self.suffix, rel,
+                              tuple(f.path for f in layouts))
+        return {"path": rel, "doc": doc, "record": rec}
+
+
+class _Records(list):
+    """The records ``OutputCommit`` writes after the renames; iterating them is the
+    moment between the last rename and the commit record (crash-test hook)."""
+
+    def __init__(self, items, rank: int, step: int):
+        super().__init__(items)
+        self.rank, self.step = rank, step
+
+    def __iter__(self):
+        _fault("renamed", self.rank, self.step)
+        return super().__iter__()
 
 
 def _adopt_strategy(root: Path, strategy: Strategy, fsync: bool) -> str:
@@ -199,29 +218,12 @@ def _adopt_strategy(root: Path, strategy: Strategy, fsync: bool) -> str:
                       "other contents")
 
 
-def _write_file(final: str, f: OutputFile, segments: list[_Segment], fsync: bool,
-                created: list[str]) -> dict[int, str]:
-    """``final``.partial at full size: header, then every segment at its entry's place,
-    hashed as it passes; fsynced with ``fsync``. Returns {entry index: checksum}."""
-    created.append(_create(final, f, fsync))
-    path = created[-1]
-    sums = {}
-    fd = _open_rw(path)
-    try:
-        for s in segments:
-            e = f.entries[s.index]
-            sums[s.index] = "xxh3_64:" + xxhash.xxh3_64_hexdigest(s.data)
-            pwrite_all(fd, s.data, e.begin, path)
-            if fsync:
-                start_writeback(fd, e.begin, e.nbytes)
-        for j, e in enumerate(f.entries):
-            if e.nbytes == 0:
-                sums[j] = "xxh3_64:" + xxhash.xxh3_64_hexdigest(b"")
-        if fsync:
-            _fsync(fd, path)
-    finally:
-        os.close(fd)
-    return sums
+def remove_files(paths: Iterable[str]) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def _byte_view(obj: Any) -> tuple[memoryview, tuple | None, int | None]:

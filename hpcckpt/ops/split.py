@@ -7,8 +7,8 @@ from ..planning.dedup import dedup_mode, plan_dedup
 from ..planning.outputs import divide_writes, rank_files
 from ..storage.inputs import open_input
 from ..storage.manifest import MANIFEST
-from .common import check_tensors_match, commit_distributed
-from .filecopy import CopyOptions, prepare_output_dir, write_files
+from .common import check_tensors_match, distributed_records, rank_dirs_of
+from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
 
@@ -27,12 +27,12 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool | str = Fa
         check_tensors_match(inp.source, strategy, str(complete), "the strategy")
         files = rank_files(strategy, prefix, plan_dedup(strategy, mode) if mode else None)
         pieces = divide_writes(files, comm.size)
-    if not options.dry_run:
-        prepare_output_dir(comm, out, options.overwrite, (MANIFEST,), inputs=(str(complete),))
 
-    def commit(checksums):
-        commit_distributed(out, strategy, files, checksums, bool(mode), prefix, options.fsync)
+    def records(checksums):
+        return distributed_records(strategy, files, checksums, bool(mode), prefix)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, commit, "split", options)
+    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "split", options,
+                         inputs=(str(complete),), markers=(MANIFEST,),
+                         dirs=rank_dirs_of(strategy))
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": bool(mode)})
     return result

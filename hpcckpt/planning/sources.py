@@ -38,6 +38,9 @@ class SourceChunk:
 
     box: Box
     files: tuple[str, ...]
+    #: the recorded checksum of each file's copy ("xxh3_64:<hex>" or None), when the
+    #: source records them (a manifest); empty otherwise
+    checksums: tuple[str | None, ...] = ()
 
     def rank_dirs(self) -> tuple[int | None, ...]:
         """The ``rank_<r>`` directory of each file (None for files outside rank dirs)."""
@@ -121,16 +124,24 @@ def first_overlap(chunks: list[SourceChunk]):
     return None, None, None
 
 
-def group_chunks(entries: Iterable[tuple[str, Box, str]]) -> dict[str, list[SourceChunk]]:
-    """(tensor, box, file) records -> distinct chunks with their replica files, in order."""
-    groups: dict[str, dict[Box, list[str]]] = {}
-    for name, box, f in entries:
+def group_chunks(entries: Iterable[tuple]) -> dict[str, list[SourceChunk]]:
+    """(tensor, box, file[, checksum]) records -> distinct chunks with their replica
+    files (and their recorded checksums, when every record has one), in order."""
+    groups: dict[str, dict[Box, list[tuple[str, str | None]]]] = {}
+    for name, box, f, *sum_ in entries:
         if box.volume == 0:
             groups.setdefault(name, {})
             continue
-        groups.setdefault(name, {}).setdefault(box, []).append(f)
-    return {n: [SourceChunk(b, tuple(sorted(fs, key=_file_order))) for b, fs in g.items()]
-            for n, g in groups.items()}
+        groups.setdefault(name, {}).setdefault(box, []).append((f, sum_[0] if sum_ else None))
+    out = {}
+    for n, g in groups.items():
+        out[n] = []
+        for b, fs in g.items():
+            fs.sort(key=lambda x: _file_order(x[0]))
+            sums = tuple(s for _, s in fs)
+            out[n].append(SourceChunk(b, tuple(f for f, _ in fs),
+                                      sums if any(s is not None for s in sums) else ()))
+    return out
 
 
 def _file_order(rel: str):

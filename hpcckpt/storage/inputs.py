@@ -155,11 +155,11 @@ def _distributed_from_manifest(root: Path, strategy: Strategy | None,
 
     def chunks(name: str) -> list[SourceChunk]:
         entries = []
-        for box, f in m.chunks(name):
+        for (box, f), checksum in zip(m.chunks(name), m.checksums(name)):
             if f not in checked:  # a path check per file, not per chunk (1024 ranks:
                 safe_join(root, f, where)  # ~1,000 files but ~370,000 chunks)
                 checked.add(f)
-            entries.append((name, box, f))
+            entries.append((name, box, f, checksum))
         got = group_chunks(entries).get(name, [])
         check_tensor_chunks(where, tensors[name], got)
         return got

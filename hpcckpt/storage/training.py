@@ -176,7 +176,7 @@ def prefix_suffix(names: Iterable[str], prefix: str, rank: int) -> int:
     stem = f"{prefix}_rank_{rank}"
     used = -1
     for name in names:
-        if name.endswith(PARTIAL):
+        if name.endswith(PARTIAL):   # a temporary file says nothing about earlier runs
             continue
         m = _STEP_FILE.match(name)
         if m and m.group("prefix") == prefix and int(m.group("rank")) == rank:
@@ -186,10 +186,13 @@ def prefix_suffix(names: Iterable[str], prefix: str, rank: int) -> int:
     return used + 1
 
 
+_TEMP = re.compile(r"(\.[0-9a-f]+)?" + re.escape(PARTIAL) + "$")
+
+
 def is_step_file(name: str) -> bool:
-    """A rank file of a training save (or its partial): what cleanup may remove."""
-    base = name[: -len(PARTIAL)] if name.endswith(PARTIAL) else name
-    return bool(_STEP_FILE.match(base))
+    """A rank file of a training save, or a temporary one (``<file>[.<token>].partial``):
+    what cleanup may remove."""
+    return bool(_STEP_FILE.match(_TEMP.sub("", name)))
 
 
 def leftovers(directory: str | Path, rank_dir: int, referenced: set[str]) -> list[Path]:

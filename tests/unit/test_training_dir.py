@@ -50,6 +50,7 @@ def test_prefix_suffix_mindspore_rule():
 def test_is_step_file_and_rotation():
     assert tdir.is_step_file("a_rank_0-1_2.safetensors")
     assert tdir.is_step_file("a_rank_0_3-1_2.safetensors.partial")
+    assert tdir.is_step_file("a_rank_0_3-1_2.safetensors.0f3a9b2c.partial")
     assert not tdir.is_step_file("a_rank_0.safetensors")      # split/reshard output
     assert not tdir.is_step_file("meta.json")
     recs = [tdir.StepRecord(i, 1, i * 10, "p" if i != 2 else "q", 0, f"commits/{i}", ())
@@ -119,6 +120,7 @@ def test_manager_one_process(tmp_path):
 
     # a second run: MindSpore's suffix, rotation shared with the first run's steps
     (d / "rank_0" / "llama_rank_0-1_8.safetensors.partial").write_bytes(b"junk")
+    (d / "rank_0" / "llama_rank_0-1_8.safetensors.1234abcd.partial").write_bytes(b"junk")
     (d / "rank_0" / "llama_rank_0-1_8.safetensors").write_bytes(b"uncommitted")
     (d / "rank_0" / "notes.txt").write_text("mine")
     with CheckpointManager(d, s, None, prefix="llama", keep_max=2) as m:
