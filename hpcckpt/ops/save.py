@@ -364,13 +364,20 @@ class CheckpointManager:
             segments = [self._segments(t, local_state, stage=self.async_save)
                         for t in self._trees]
         stall = time.perf_counter() - t0
+        args = (segments, epoch, step, extra, t0, stall)
         if self.async_save and not signalled:
-            self._thread = threading.Thread(
-                target=self._run, args=(segments, epoch, step, extra, t0, stall),
-                name="hpcckpt-save", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=args, name="hpcckpt-save",
+                                            daemon=True)
             self._thread.start()
+        elif self._handler_installed:
+            # OutputCommit turns SIGTERM/SIGINT into an undo, but only on the main thread:
+            # writing on a helper thread keeps the preemption handler in charge, so a
+            # SIGTERM arriving during this save lets it finish and saves again next call
+            self._thread = threading.Thread(target=self._run, args=args, name="hpcckpt-save")
+            self._thread.start()
+            self.wait()
         else:
-            self._run(segments, epoch, step, extra, t0, stall)
+            self._run(*args)
             self._raise_pending()
         if signalled:
             self.preempted = True
