@@ -40,10 +40,15 @@ def add_step_option(p: argparse.ArgumentParser) -> None:
                    "latest committed)")
 
 
-def at_step(path: str, step: str | None) -> str:
-    """The path to open for ``--step`` (the step's commit record), else ``path``."""
+def at_step(comm, path: str, step: str | None) -> str:
+    """The path to open for ``--step`` (the step's commit record), else ``path``; rank 0
+    looks it up and tells the others."""
+    if step is None:
+        return path
     from ..storage.training import step_path
-    return step_path(path, step)
+    with comm.step("find step"):
+        found = step_path(path, step) if comm.rank == 0 else None
+    return comm.bcast(found)
 
 
 def add_exchange_options(p: argparse.ArgumentParser) -> None:

@@ -29,9 +29,9 @@ def register(sub) -> None:
 
 def run(args, comm):
     from ..ops.inspect import describe_path  # on use: start-up is every rank's wall time
+    path = at_step(comm, args.path, args.step)
     with comm.step("inspect"):
         strategy = load_strategy(args.strategy) if args.strategy else None
-        path = at_step(args.path, args.step)
         info = describe_path(path, strategy, args.tensors) if comm.rank == 0 else None
     if comm.rank == 0:
         print(json.dumps(info) if args.json else render(info))

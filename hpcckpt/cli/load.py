@@ -35,7 +35,7 @@ def run(args, comm):
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy)
         src = load_strategy(args.src_strategy) if args.src_strategy else None
-        path = at_step(args.path, args.step)
+    path = at_step(comm, args.path, args.step)
     return load_job(path, strategy, comm, against=args.against, src_strategy=src,
                     dry_run=args.dry_run, buffer_size=args.buffer_size,
                     budget=args.exchange_budget, max_message=args.max_message)

@@ -36,7 +36,7 @@ def run(args, comm):
     from ..ops.merge import merge  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy) if args.strategy else None
-        dist = at_step(args.dist, args.step)
+    dist = at_step(comm, args.dist, args.step)
     return merge(dist, args.out, strategy=strategy, max_shard_size=args.max_shard_size,
                  exclude_prefixes=tuple(args.exclude_prefix), file_suffix=args.file_suffix,
                  layout=args.layout, comm=comm, options=copy_options(args))

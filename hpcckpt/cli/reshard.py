@@ -39,7 +39,7 @@ def run(args, comm):
     with comm.step("read strategy"):
         dst = load_strategy(args.strategy.format(rank=comm.rank))
         src = load_strategy(args.src_strategy.format(rank=comm.rank)) if args.src_strategy else None
-        dist = at_step(args.dist, args.step)
+    dist = at_step(comm, args.dist, args.step)
     extra = {}
     if args.node_local:
         extra = {"budget": args.exchange_budget, "max_message": args.max_message}
