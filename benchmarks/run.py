@@ -36,7 +36,7 @@ except ImportError:   # running from a checkout without an install
     sys.path.append(str(HERE.parent))
     import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 from hpcckpt.launch import find_mpiexec as _find_mpiexec, nested_launch_env
 from hpcckpt.errors import LaunchError
 

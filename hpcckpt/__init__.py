@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Box": "layout", "Mesh": "layout", "Strategy": "layout", "TensorSpec": "layout",
     "load_strategy": "layout", "strategy_from_dict": "layout",
-    "load": "ops.exchange", "reshard_state": "ops.exchange",
+    "load": "ops.in_memory", "reshard_state": "ops.in_memory",
     "CheckpointManager": "ops.save",
     "merge": "ops.merge", "reshard": "ops.reshard", "split": "ops.split",
 }

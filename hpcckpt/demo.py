@@ -39,8 +39,8 @@ import numpy as np
 from .errors import LaunchError
 from .launch import find_mpiexec as _find_mpiexec, nested_launch_env
 from .layout import strategy_from_dict, write_strategy_yaml
-from .storage.inputs import HF_INDEX
-from .storage.safetensors_io import build_header, read_header
+from .formats.names import HF_INDEX
+from .formats.safetensors import build_header, read_header
 from .units import format_bytes
 
 MB = 10**6

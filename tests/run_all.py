@@ -4,16 +4,20 @@
 Stages:
   serial     python -m pytest tests -m "not mpi"
   mpi-n=N    mpiexec -n N python -m pytest tests -m mpi --with-mpi -x   (N in 1 2 3 4 8)
+  slurm      python -m pytest tests/slurm  (HPCCKPT_SLURM_TESTS=1): starts its own SLURM
+             (installing the Debian packages when missing, as root); skipped, with the
+             reason, only where that is impossible
 
 Every stage runs with a hard wall-clock timeout; on timeout the whole process group
 (mpiexec, its proxies and every rank) is killed and the stage counts as failed.
 pytest's exit code 5 ("no tests collected") counts as success with 0 passed.
 
-The last line printed is always ``N passed, N failed`` (summed over stages); the exit
-status is non-zero if any stage failed.
+The last line printed is always ``N passed, N failed`` (summed over stages), followed by
+``, N skipped`` when tests were skipped (their reasons are in pytest's summary above); the
+exit status is non-zero if any stage failed.
 
 Options:
-  --only serial|mpi    run only the serial stage or only the MPI stages
+  --only serial|mpi|slurm   run only that stage (or the MPI stages)
   --sizes 1,2,3        MPI world sizes to run (default 1,2,3,4,8)
   -k EXPR              passed through to pytest
   -- ARGS...           any further arguments are passed through to pytest
@@ -21,6 +25,7 @@ Options:
 Environment:
   HPCCKPT_TEST_STAGE_TIMEOUT    seconds per MPI stage (default 600)
   HPCCKPT_TEST_SERIAL_TIMEOUT   seconds for the serial stage (default 1800)
+  HPCCKPT_TEST_SLURM_TIMEOUT    seconds for the SLURM stage (default 900)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +54,7 @@ _SUMMARY_RE = re.compile(
     r"(?P<body>(?:" + _COUNT + r")(?:, " + _COUNT + r")*|no tests ran) in \d+(?:\.\d+)?s"
 )
 _ITEM_RE = re.compile(r"(\d+) (passed|failed|errors?)\b")
+_SKIPPED_RE = re.compile(r"(\d+) skipped\b")
 
 
 def find_mpiexec() -> str | None:
@@ -77,6 +84,7 @@ class StageResult:
     ok: bool
     passed: int = 0
     failed: int = 0
+    skipped: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -151,7 +159,10 @@ def run_stage(name: str, cmd: list[str], env: dict[str, str], timeout: float) ->
     passed = max((p for p, _ in summaries), default=0)
     failed = max((f for _, f in summaries), default=0)
 
-    res = StageResult(name, ok=False, passed=passed, failed=failed, seconds=seconds)
+    skipped = max((int(n) for m in _SUMMARY_RE.finditer(output)
+                   for n in _SKIPPED_RE.findall(m.group("body"))), default=0)
+    res = StageResult(name, ok=False, passed=passed, failed=failed, skipped=skipped,
+                      seconds=seconds)
     if timed_out:
         msg = f"stage {name} timed out after {timeout:g} s"
         res.notes.append(msg)
@@ -170,8 +181,8 @@ def run_stage(name: str, cmd: list[str], env: dict[str, str], timeout: float) ->
     status = "ok" if res.ok else "FAILED"
     extra = f" ({'; '.join(res.notes)})" if res.notes else ""
     print(
-        f"===== stage {name}: {status}: {res.passed} passed, {res.failed} failed "
-        f"in {seconds:.1f} s{extra}",
+        f"===== stage {name}: {status}: {res.passed} passed, {res.failed} failed, "
+        f"{res.skipped} skipped in {seconds:.1f} s{extra}",
         flush=True,
     )
     return res
@@ -187,9 +198,18 @@ def _all_no_tests(output: str, rc: int) -> bool:
     return bool(codes) and all(c == "5" for c in codes)
 
 
+def slurm_stage(extra: list[str], base: Path) -> tuple[str, list[str], dict[str, str], float]:
+    """(name, command, environment additions, timeout) of the SLURM stage, whose pytest
+    temporary directory is ``base`` (pytest's shared one is pruned by other sessions)."""
+    cmd = [sys.executable, "-m", "pytest", "tests/slurm", "-q", "-ra", "-p", "no:cacheprovider",
+           f"--basetemp={base}", *extra]
+    timeout = float(os.environ.get("HPCCKPT_TEST_SLURM_TIMEOUT", "900"))
+    return "slurm", cmd, {"HPCCKPT_SLURM_TESTS": "1"}, timeout
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("serial", "mpi"))
+    ap.add_argument("--only", choices=("serial", "mpi", "slurm"))
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                     help="comma-separated MPI world sizes (default %(default)s)")
     ap.add_argument("-k", dest="kexpr", default=None, help="pytest -k expression")
@@ -238,15 +258,23 @@ def main(argv: list[str] | None = None) -> int:
                        "--with-mpi", "-q", "-x", "-p", "no:cacheprovider", *extra]
                 results.append(run_stage(f"mpi-n={n}", cmd, env, mpi_timeout))
 
+    if args.only in (None, "slurm"):
+        tmp = Path(tempfile.mkdtemp(prefix="hpcckpt-slurm-stage-"))
+        name, cmd, env, timeout = slurm_stage(extra, tmp)
+        results.append(run_stage(name, cmd, {**base_env, **env}, timeout))
+        shutil.rmtree(tmp, ignore_errors=True)
+
     total_passed = sum(r.passed for r in results)
     total_failed = sum(r.failed for r in results)
     print("\n===== stages =====")
     for r in results:
         extra_note = f"  ({'; '.join(r.notes)})" if r.notes else ""
         print(f"  {r.name:10s} {'ok' if r.ok else 'FAILED':6s} {r.passed:5d} passed "
-              f"{r.failed:5d} failed {r.seconds:8.1f} s{extra_note}")
+              f"{r.failed:5d} failed {r.skipped:5d} skipped {r.seconds:8.1f} s{extra_note}")
     all_ok = all(r.ok for r in results)
-    print(f"{total_passed} passed, {total_failed} failed", flush=True)
+    total_skipped = sum(r.skipped for r in results)
+    print(f"{total_passed} passed, {total_failed} failed"
+          + (f", {total_skipped} skipped" if total_skipped else ""), flush=True)
     return 0 if all_ok else 1
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..comm.exchange import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
+from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
 from ..ops.filecopy import DEFAULT_BUFFER, CopyOptions
 from ..ops.result import OpResult
 from ..units import format_bytes, parse_size

@@ -24,7 +24,7 @@ def register(sub) -> None:
     add_step_option(p)
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=run, prints_itself=True)
+    p.set_defaults(run=run)
 
 
 def run(args, comm):

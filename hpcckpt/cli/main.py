@@ -13,6 +13,7 @@ import traceback
 from .. import __version__
 from ..errors import HpcckptError, RankFailure
 from . import inspect as inspect_cmd
+from . import jobs as jobs_cmd
 from . import load as load_cmd
 from . import merge as merge_cmd
 from . import reshard as reshard_cmd
@@ -21,7 +22,8 @@ from . import split as split_cmd
 from . import strategy as strategy_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, save_cmd, strategy_cmd)
+COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, save_cmd, strategy_cmd,
+            jobs_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         except HpcckptError as e:
             print(f"{name}: error: {e}", file=sys.stderr)
             return 2
+    elif not getattr(args, "needs_mpi", True):  # e.g. `jobs render` on a login node: no MPI
+        from ..comm.wrapper import Comm
+        comm = Comm(None)
     else:
         from ..comm.wrapper import world_comm
         comm = world_comm()
     comm.debug = args.debug
     try:
-        if simulate is None:
+        if simulate is None and getattr(args, "needs_mpi", True):
             from ..launch import check_launch
             with comm.step("launch check"):
                 check_launch(comm.size)

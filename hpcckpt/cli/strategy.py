@@ -28,7 +28,7 @@ def register(sub) -> None:
     show.add_argument("--tensor", help="print every rank's box of this tensor")
     show.add_argument("--yaml", action="store_true", help="print the normalised YAML")
     show.add_argument("--json", action="store_true")
-    show.set_defaults(run=run_show, prints_itself=True)
+    show.set_defaults(run=run_show)
 
 
 def run_show(args, comm):

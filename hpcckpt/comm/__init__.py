@@ -1,5 +1,5 @@
 """Communication: the MPI wrapper (with a one-process stand-in) and bounded exchanges."""
-from .exchange import exchange_streams
+from .rounds import exchange_streams
 from .wrapper import Comm, as_comm, world_comm
 
 __all__ = ["Comm", "as_comm", "exchange_streams", "world_comm"]

@@ -14,8 +14,11 @@ from typing import Iterator, Mapping
 
 from ..dtypes import itemsize
 from .box import Box, array_split_piece
+from .tensor import TensorInfo
 
 PP_AXIS = "pp"
+#: the "format" value of a strategy document (YAML or dict)
+STRATEGY_FORMAT = "hpcckpt.strategy/1"
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.itemsize
+
+    @cached_property
+    def info(self) -> TensorInfo:
+        """The tensor without its layout: name, shape, dtype."""
+        return TensorInfo(self.name, self.shape, self.dtype)
 
     def to_dict(self) -> dict:
         d: dict = {"shape": list(self.shape), "dtype": self.dtype}
@@ -242,6 +250,5 @@ class Strategy:
         return sum(b.volume * t.itemsize for t, b in self.rank_boxes(rank))
 
     def to_dict(self) -> dict:
-        from .yaml_io import FORMAT
-        return {"format": FORMAT, "mesh": self.mesh.to_dict(),
+        return {"format": STRATEGY_FORMAT, "mesh": self.mesh.to_dict(),
                 "tensors": {t.name: t.to_dict() for t in self.tensors}}

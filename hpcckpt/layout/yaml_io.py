@@ -13,9 +13,8 @@ import yaml
 from ..dtypes import DTYPES
 from ..errors import StrategyError
 from .box import Box
-from .strategy import PP_AXIS, Mesh, Strategy, TensorSpec
+from .strategy import PP_AXIS, STRATEGY_FORMAT, Mesh, Strategy, TensorSpec
 
-FORMAT = "hpcckpt.strategy/1"
 _TENSOR_KEYS = {"shape", "dtype", "split", "stage", "zero", "boxes"}
 
 
@@ -24,8 +23,8 @@ def strategy_from_dict(doc: object, where: str = "strategy") -> Strategy:
     if not isinstance(doc, dict):
         raise StrategyError(f"{where}: expected a mapping with 'format', 'mesh' and 'tensors'")
     fmt = doc.get("format")
-    if fmt != FORMAT:
-        raise StrategyError(f"{where}: 'format' is {fmt!r}, expected {FORMAT!r}")
+    if fmt != STRATEGY_FORMAT:
+        raise StrategyError(f"{where}: 'format' is {fmt!r}, expected {STRATEGY_FORMAT!r}")
     mesh = _mesh(doc.get("mesh"), where)
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict):

@@ -48,7 +48,7 @@ from ..planning.runs import StridedRuns, tile_contiguous
 from ..storage.atomic import atomic_write_bytes, fsync_dir, io_error, new_token, partial_name
 from ..storage.chunkio import write_runs_to_file
 from ..storage.lock import LOCK_NAME, OutputLock
-from ..storage.safetensors_io import pread_into, pwrite_all, start_writeback
+from ..storage.fileio import pread_into, pwrite_all, start_writeback
 from .progress import Progress
 
 DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
@@ -315,10 +315,10 @@ class OutputCommit:
 
     def _create(self, index: int) -> None:
         f = self.files[index]
-        path = self._path(index, temp=True)
-        self._temps[index] = path            # before creating: a signal may come between
+        temp, path = self._path(index, temp=True), self._path(index, temp=False)
+        self._temps[index] = temp            # before creating: a signal may come between
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
             del self._temps[index]
             raise io_error(path, "cannot create", e) from None
@@ -332,11 +332,13 @@ class OutputCommit:
             raise io_error(path, f"cannot size to {f.size} bytes", e) from None
 
     def _fd(self, index: int) -> tuple[int, str]:
+        """The open temporary file, and the name errors give it (the final one: the
+        file the user asked for)."""
         fd = self._fds.get(index)
-        path = self._path(index, temp=True)
+        path = self._path(index, temp=False)
         if fd is None:   # created by another rank (work shared within a file)
             try:
-                fd = self._fds[index] = os.open(path, os.O_RDWR)
+                fd = self._fds[index] = os.open(self._path(index, temp=True), os.O_RDWR)
             except OSError as e:
                 raise io_error(path, "cannot open for writing", e) from None
         self._touched.add(index)
@@ -396,7 +398,7 @@ class OutputCommit:
                     try:
                         os.fsync(fd)
                     except OSError as e:
-                        raise io_error(self._path(i, temp=True), "fsync failed", e) from None
+                        raise io_error(self._path(i, temp=False), "fsync failed", e) from None
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -417,11 +419,10 @@ class OutputCommit:
         for i, j in todo:
             self.checksums[(i, j)] = _hash_entry(self._path(i, temp=True),
                                                  self.files[i].entries[j], self.options.buffer_size)
-        if self.comm.rank == 0 or not self.shared:
-            for i in self._temps if not self.shared else self.files:
-                for j, e in enumerate(self.files[i].entries):
-                    if e.nbytes == 0:
-                        self.checksums[(i, j)] = checksum_of(b"")
+        for i in self._temps:   # entries without bytes: by the file's creator
+            for j, e in enumerate(self.files[i].entries):
+                if e.nbytes == 0:
+                    self.checksums[(i, j)] = checksum_of(b"")
 
     def _rename(self) -> None:
         dirs = dict.fromkeys(os.path.dirname(p) for p in self._temps.values())
@@ -501,15 +502,24 @@ class OutputCommit:
             return True
 
     def _remove_dirs(self) -> None:
+        """The directories the job created, deepest first; one still holding another
+        rank's file (a signal handler runs before the others are done) stays listed for
+        the collective undo to retry."""
+        left = []
         for d in reversed(self._created_dirs):
             if d == self.out and self._lock is not None:
+                if left:
+                    left.append(d)
+                    continue
                 self._lock.release()
                 self._lock = None
             try:
                 os.rmdir(d)
-            except OSError:
+            except FileNotFoundError:
                 pass
-        self._created_dirs.clear()
+            except OSError:
+                left.append(d)
+        self._created_dirs = left[::-1]
 
 
 def check_not_input(out: str, inputs: Iterable[str]) -> None:

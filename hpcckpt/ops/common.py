@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from ..errors import FormatError
-from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
 from ..planning.outputs import OutputFile
 from ..planning.sources import SourceIndex
 from ..storage.atomic import json_bytes
-from ..storage.manifest import MANIFEST, Manifest, ManifestChunk, ManifestTensor
+from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
+from ..storage.manifest import Manifest, ManifestChunk, ManifestTensor
 
 
 def check_tensors_match(source: SourceIndex, strategy: Strategy, source_desc: str,
@@ -37,12 +37,12 @@ def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[
     tensors = tuple(ManifestTensor(t.name, t.shape, t.dtype, tuple(chunks[t.name]))
                     for t in strategy.tensors)
     return Manifest(strategy.world_size, "dedup" if dedup else "full", tensors,
-                    tuple(f.path for f in files), "strategy.yaml", prefix)
+                    tuple(f.path for f in files), STRATEGY_FILE, prefix)
 
 
 def rank_dirs_of(strategy: Strategy) -> list[str]:
     """Every rank's directory: ranks holding nothing still get theirs."""
-    return [f"rank_{r}" for r in range(strategy.world_size)]
+    return [rank_dir_name(r) for r in range(strategy.world_size)]
 
 
 def distributed_records(strategy: Strategy, files: list[OutputFile],
@@ -51,9 +51,6 @@ def distributed_records(strategy: Strategy, files: list[OutputFile],
     """The records of a distributed checkpoint, in commit order: the strategy, then the
     manifest (its presence means complete)."""
     manifest = build_manifest(strategy, files, checksums, dedup, prefix)
-    return [("strategy.yaml", strategy_to_yaml(strategy).encode()),
+    return [(STRATEGY_FILE, strategy_to_yaml(strategy).encode()),
             (MANIFEST, json_bytes(manifest.to_dict()))]
 
-
-def full_box(shape) -> Box:
-    return Box.full(shape)

@@ -7,7 +7,6 @@ from ..errors import FormatError
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..planning.runs import flat_range_to_boxes, strided_runs
-from ..planning.sources import TensorInfo
 from ..storage.chunkio import ChunkReader
 from ..storage.inputs import open_input
 from .common import check_tensors_match
@@ -30,7 +29,7 @@ def compare_slices(arrays: dict[str, np.ndarray], strategy: Strategy, rank: int,
     try:
         for t, box in strategy.rank_boxes(rank):
             mine = arrays[t.name].reshape(-1).view(np.uint8)
-            info = TensorInfo(t.name, t.shape, t.dtype)
+            info = t.info
             isz = t.itemsize
             step = max(1, len(buf) // isz)
             for start in range(0, box.volume, step):

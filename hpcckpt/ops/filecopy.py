@@ -15,7 +15,8 @@ from ..errors import FormatError
 from ..layout.box import Box
 from ..planning.outputs import OutputEntry, OutputFile, WritePiece
 from ..planning.runs import strided_runs
-from ..planning.sources import SourceIndex, TensorInfo
+from ..layout.tensor import TensorInfo
+from ..planning.sources import SourceIndex
 from ..storage.chunkio import ChunkReader
 from .commit import (DEFAULT_BUFFER, OutputCommit, ReadFn, RecordsFn, WriteOptions,
                      check_not_input, checksum_of)
@@ -34,7 +35,7 @@ def source_reader(reader: ChunkReader, source: SourceIndex) -> ReadFn:
         got = cache.get((e.name, e.box))
         if got is None:
             cache.clear()   # entries are written one after another: keep one
-            got = cache[(e.name, e.box)] = (TensorInfo(e.name, e.global_shape, e.dtype),
+            got = cache[(e.name, e.box)] = (e.tensor,
                                             [c for c, _ in source.overlapping(e.name, e.box)])
         t, cands = got
         isz = e.itemsize
@@ -97,8 +98,8 @@ from pathlib import Path as _Path  # noqa: E402
 
 from ..errors import CheckpointIOError as _IOErr, UsageError as _UsageError  # noqa: E402
 from ..storage.atomic import fsync_dir as _fsync_dir, partial_name as _partial  # noqa: E402
-from ..storage.safetensors_io import pwrite_all as _pwrite_all  # noqa: E402
-from .commit import _hash_entry  # noqa: E402,F401
+from ..storage.fileio import pwrite_all as _pwrite_all  # noqa: E402
+from .commit import _hash_entry as hash_entry  # noqa: E402,F401
 
 
 def prepare_output_dir(comm: Comm, out: str, overwrite: bool, markers: tuple[str, ...],
@@ -139,7 +140,7 @@ def remove_files(paths: list[str]) -> None:
             pass
 
 
-def _create(final: str, f: OutputFile, fsync: bool = False) -> str:
+def create_partial(final: str, f: OutputFile, fsync: bool = False) -> str:
     path = _partial(final)
     _os.makedirs(_os.path.dirname(path) or ".", exist_ok=True)
     try:
@@ -157,14 +158,14 @@ def _create(final: str, f: OutputFile, fsync: bool = False) -> str:
     return path
 
 
-def _open_rw(path: str) -> int:
+def open_rw(path: str) -> int:
     try:
         return _os.open(path, _os.O_RDWR)
     except OSError as e:
         raise _IOErr(f"{path}: cannot open for writing: {e.strerror or e}") from None
 
 
-def _fsync(fd: int, path: str) -> None:
+def fsync_fd(fd: int, path: str) -> None:
     try:
         _os.fsync(fd)
     except OSError as e:

@@ -8,8 +8,8 @@ from pathlib import Path
 from ..errors import HpcckptError
 from ..layout.loader import load_strategy
 from ..layout.strategy import Strategy
-from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input
-from ..storage.manifest import MANIFEST
+from ..formats.names import HF_INDEX, MANIFEST, MS_NAME_MAP, STRATEGY_FILE
+from ..storage.inputs import open_input
 from ..storage.training import is_record_path
 
 
@@ -28,12 +28,11 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
         p = p.parent   # the file that names a checkpoint's files stands for its directory
     if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json") and not is_record_path(p):
         return describe_strategy(load_strategy(p))
-    complete_marker = True
     problems = []
     try:
         inp = open_input(p, strategy)
     except HpcckptError:
-        if p.is_dir() and not (p / MANIFEST).exists() and (p / "strategy.yaml").exists():
+        if p.is_dir() and not (p / MANIFEST).exists() and (p / STRATEGY_FILE).exists():
             return {"kind": "distributed", "path": str(p), "complete": False,
                     "problem": f"no {MANIFEST}: the write did not finish"}
         raise
@@ -56,7 +55,7 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
                     "manifest": inp.manifest is not None})
         if inp.strategy is not None:
             out["mesh"] = inp.strategy.mesh.to_dict()
-    out["complete"] = complete_marker and not problems
+    out["complete"] = not problems
     if problems:
         out["problems"] = problems
     if list_tensors:

@@ -1,6 +1,6 @@
 """The ``load`` job: every rank loads its slices, reports traffic, optionally compares.
 
-``hpcckpt.load`` (ops/exchange.py) is what a training job calls; this wraps it as a
+``hpcckpt.load`` (ops/in_memory.py) is what a training job calls; this wraps it as a
 command: the per-rank plan for --dry-run, and bytes read from disk and received over
 MPI per rank, plus an exact comparison with a reference checkpoint.
 """
@@ -13,8 +13,10 @@ from ..layout.strategy import Strategy
 from ..storage.inputs import open_source
 from .common import check_tensors_match
 from .compare import compare_slices
-from .exchange import (DEFAULT_BUDGET, DEFAULT_BUFFER, DEFAULT_MAX_MESSAGE, _check_world, load,
-                       plan_load, plan_summary)
+from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
+from ..planning.route_plans import plan_load, plan_summary
+from .filecopy import DEFAULT_BUFFER
+from .in_memory import check_world, load
 from .result import OpResult
 
 
@@ -24,7 +26,7 @@ def load_job(path: str, strategy: Strategy, comm: Comm, *, against: str | None =
              max_message: int = DEFAULT_MAX_MESSAGE) -> OpResult:
     t0 = time.perf_counter()
     if dry_run:
-        _check_world(strategy, comm)
+        check_world(strategy, comm)
         with comm.step("plan"):
             inp = open_source(path, src_strategy, comm, lazy=True)
             check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)

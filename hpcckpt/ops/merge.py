@@ -9,8 +9,9 @@ from ..errors import UsageError
 from ..layout.strategy import Strategy
 from ..planning.outputs import OutputFile, divide_writes, hf_files, hf_index
 from ..storage.atomic import json_bytes
-from ..storage.inputs import HF_INDEX, MS_NAME_MAP, open_input
-from ..storage.safetensors_io import build_header
+from ..formats.names import HF_INDEX, MS_META, MS_NAME_MAP, rank_dir_name
+from ..storage.inputs import open_input
+from ..formats.safetensors import build_header
 from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
@@ -63,7 +64,7 @@ def _complete_records(files: list[OutputFile], layout: str,
 
 def _hyper_params(src_root: str) -> bytes:
     """MindSpore keeps epoch/step beside the merged parts; take them from rank_0/meta.json."""
-    meta_path = Path(src_root) / "rank_0" / "meta.json"
+    meta_path = Path(src_root) / rank_dir_name(0) / MS_META
     epoch = step = 0
     if meta_path.exists():
         try:

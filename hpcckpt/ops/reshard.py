@@ -2,7 +2,7 @@
 
 No complete copy is written or held. On a shared filesystem each writer reads exactly
 the byte ranges it needs (``write_files``). With ``node_local`` ranks only open files
-under their own directories and slices travel over MPI (``ops.exchange``).
+under their own directories and slices travel over MPI (``ops.node_local``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..planning.dedup import dedup_mode, plan_dedup
 from ..planning.outputs import OutputFile, divide_writes, rank_file, rank_files
 from ..planning.sources import SourceIndex
 from ..storage.inputs import open_source
-from ..storage.manifest import MANIFEST
+from ..formats.names import DEFAULT_PREFIX, MANIFEST
 from .common import check_tensors_match, distributed_records, rank_dirs_of
 from .filecopy import CopyOptions, write_files
 from .result import OpResult
@@ -25,7 +25,7 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
             comm=None, options: CopyOptions = CopyOptions(), **exchange_opts) -> OpResult:
     comm: Comm = as_comm(comm)
     if node_local:
-        from .exchange import reshard_node_local
+        from .node_local import reshard_node_local
         return reshard_node_local(dist, out, strategy, src_strategy=src_strategy, dedup=dedup,
                                   prefix=prefix, comm=comm, options=options, **exchange_opts)
     t0 = time.perf_counter()
@@ -33,7 +33,8 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
     with comm.step("plan"):
         inp = open_source(dist, src_strategy, comm, prefix, lazy=True)
         check_tensors_match(inp.source, strategy, str(dist), "the destination strategy")
-        prefix = prefix or (inp.manifest.prefix if inp.manifest and inp.manifest.prefix else "model")
+        prefix = prefix or (inp.manifest.prefix if inp.manifest and inp.manifest.prefix
+                            else DEFAULT_PREFIX)
         assignment = plan_dedup(strategy, mode) if mode else None
         if getattr(comm, "simulated", False) and strategy.world_size == comm.size:
             # rank r writes file r (divide_writes): plan that file alone

@@ -35,6 +35,7 @@ import xxhash
 
 from ..comm.wrapper import Comm, as_comm
 from ..errors import FormatError, UsageError
+from ..formats.names import STRATEGY_FILE, rank_dir_name
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
@@ -44,6 +45,7 @@ from ..planning.runs import strided_runs
 from ..storage import training as tdir
 from ..storage.atomic import atomic_write_bytes, json_bytes
 from ..storage.chunkio import copy_runs
+from ..storage.inputs import rank_dirs
 from .common import build_manifest
 from .commit import OutputCommit, WriteOptions
 
@@ -81,7 +83,7 @@ class _Tree:
         self.rank = rank
         self.suffix = 0
         self.records: list[tdir.StepRecord] = []
-        self.strategy_file = "strategy.yaml"
+        self.strategy_file = STRATEGY_FILE
         # this rank's file layout; only its name changes from step to step
         self.layout = rank_file(strategy, prefix, rank, plan, path="")
 
@@ -101,8 +103,7 @@ class _Tree:
                 (root / tdir.RECORDS).mkdir(exist_ok=True)
                 records = tdir.list_records(root)
                 self.strategy_file = _adopt_strategy(root, self.strategy, fsync)
-                dirs = sorted(int(p.name[5:]) for p in root.glob("rank_*")
-                              if p.name[5:].isdigit() and p.is_dir())
+                dirs = list(rank_dirs(root))
                 info = (records, self.strategy_file, dirs)
             else:
                 info = None
@@ -113,8 +114,8 @@ class _Tree:
             for d in dirs:
                 if d % comm.size == comm.rank:
                     tdir.remove_paths(tdir.leftovers(root, d, referenced), fsync)
-            os.makedirs(root / f"rank_{self.rank}", exist_ok=True)
-            mine = os.listdir(root / f"rank_{self.rank}")
+            os.makedirs(root / rank_dir_name(self.rank), exist_ok=True)
+            mine = os.listdir(root / rank_dir_name(self.rank))
             suffix = tdir.prefix_suffix(mine, self.prefix, self.rank)
             if comm.rank == 0 and records:
                 latest = tdir.read_latest(root)
@@ -167,7 +168,7 @@ class _Tree:
             self.records = [r for r in self.records if r.path not in gone]
             with comm.step("rotate files"):
                 mine = [os.path.join(self.directory, p) for r in old for p in r.files
-                        if p.startswith(f"rank_{self.rank}/")]
+                        if p.startswith(rank_dir_name(self.rank) + "/")]
                 tdir.remove_paths(mine, fsync)
         return {"rank": comm.rank, "bytes_written": f.data_bytes,
                 "write_seconds": time.perf_counter() - t0}
@@ -207,7 +208,7 @@ def _adopt_strategy(root: Path, strategy: Strategy, fsync: bool) -> str:
     """The strategy file of this run: ``strategy.yaml``, or ``strategy-<hash>.yaml`` when
     an earlier run in the directory wrote a different layout there."""
     text = strategy_to_yaml(strategy).encode()
-    for name in ("strategy.yaml", f"strategy-{xxhash.xxh3_64_hexdigest(text)}.yaml"):
+    for name in (STRATEGY_FILE, f"strategy-{xxhash.xxh3_64_hexdigest(text)}.yaml"):
         p = root / name
         if not p.exists():
             atomic_write_bytes(p, text, fsync)
@@ -612,7 +613,7 @@ def save_job(out: str, strategy: Strategy, comm=None, *, source: str | None = No
     SIGTERM) saves the current step and stops; the result then says ``preempted`` and
     carries ``exit_status`` ``EXIT_PREEMPTED``.
     """
-    from .exchange import load
+    from .in_memory import load
     from .result import OpResult
     comm = as_comm(comm)
     t0 = time.perf_counter()

@@ -6,14 +6,14 @@ from ..layout.strategy import Strategy
 from ..planning.dedup import dedup_mode, plan_dedup
 from ..planning.outputs import divide_writes, rank_files
 from ..storage.inputs import open_input
-from ..storage.manifest import MANIFEST
+from ..formats.names import DEFAULT_PREFIX, MANIFEST
 from .common import check_tensors_match, distributed_records, rank_dirs_of
 from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
 
 def split(complete: str, out: str, strategy: Strategy, *, dedup: bool | str = False,
-          prefix: str = "model", comm=None, options: CopyOptions = CopyOptions()) -> OpResult:
+          prefix: str = DEFAULT_PREFIX, comm=None, options: CopyOptions = CopyOptions()) -> OpResult:
     """Write ``OUT/rank_<r>/{prefix}_rank_<r>.safetensors`` + strategy.yaml + manifest.json.
 
     Any job size works with any strategy world size: the job's ranks share the writing.

@@ -10,30 +10,40 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..dtypes import itemsize
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..storage.safetensors_io import build_header
+from ..formats.names import hf_shard_name, ms_part_name, rank_file_name
+from ..formats.safetensors import build_header
 from .assign import balanced_cuts
 from .dedup import DedupPlan
 from .runs import flat_range_to_boxes
-from .sources import TensorInfo
+from ..layout.tensor import TensorInfo
 
 
 @dataclass(frozen=True, slots=True)
 class OutputEntry:
     """One stored box of a tensor in an output file."""
 
-    name: str
-    dtype: str
+    tensor: TensorInfo          #: the whole tensor (global shape)
     box: Box                    #: global region stored (the full box for complete weights)
-    global_shape: tuple[int, ...]
     begin: int                  #: absolute file offset of the first byte
     end: int
 
     @property
+    def name(self) -> str:
+        return self.tensor.name
+
+    @property
+    def dtype(self) -> str:
+        return self.tensor.dtype
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        return self.tensor.shape
+
+    @property
     def itemsize(self) -> int:
-        return itemsize(self.dtype)
+        return self.tensor.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -61,7 +71,8 @@ def make_file(path: str, records: Iterable[tuple[str, str, Box, tuple[int, ...]]
     """Lay out one file: records are (tensor, dtype, stored box, global shape), in order."""
     records = list(records)
     head, spans = build_header(((n, dt, box.sizes) for n, dt, box, _ in records), metadata)
-    entries = tuple(OutputEntry(n, dt, box, gshape, *spans[n]) for n, dt, box, gshape in records)
+    entries = tuple(OutputEntry(TensorInfo(n, gshape, dt), box, *spans[n])
+                    for n, dt, box, gshape in records)
     return OutputFile(path, head, entries, rank)
 
 
@@ -82,15 +93,9 @@ def hf_files(tensors: list[TensorInfo], max_shard_size: int, suffix: str = "",
         groups[-1].append(t)
         size += t.nbytes
     n = len(groups)
-    sfx = f"_{suffix}" if suffix else ""
     files = []
     for i, g in enumerate(groups):
-        if layout == "ms":
-            name = f"part{i}{sfx}.safetensors"
-        elif n == 1:
-            name = f"model{sfx}.safetensors"
-        else:
-            name = f"model-{i + 1:05d}-of-{n:05d}{sfx}.safetensors"
+        name = ms_part_name(i, suffix) if layout == "ms" else hf_shard_name(i, n, suffix)
         files.append(make_file(name, ((t.name, t.dtype, Box.full(t.shape), t.shape) for t in g),
                                metadata or {"format": "pt"}))
     return files
@@ -103,10 +108,6 @@ def hf_index(files: list[OutputFile]) -> dict:
 
 
 # ---- distributed weights -----------------------------------------------------------
-def rank_file_name(prefix: str, rank: int) -> str:
-    return f"rank_{rank}/{prefix}_rank_{rank}.safetensors"
-
-
 def rank_file(strategy: Strategy, prefix: str, rank: int, dedup: "DedupPlan | None" = None,
               path: str | None = None) -> OutputFile:
     """Rank ``rank``'s file (at ``path``, default ``rank_file_name``): its boxes, or with

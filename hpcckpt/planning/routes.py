@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..layout.box import Box
-from .sources import SourceChunk, SourceIndex, TensorInfo
+from ..layout.tensor import TensorInfo
+from .sources import SourceChunk, SourceIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,7 @@ def destinations_touching(strategy, mine: Iterable[tuple[str, Box]],
     for i, t in enumerate(strategy.tensors):
         if t.name not in want:
             continue
-        info = TensorInfo(t.name, t.shape, t.dtype)
+        info = t.info
         for box, ranks in strategy.chunks(t.name):
             if box in want[t.name]:
                 out.append((i, info, box, receivers(t.name, box, ranks) if receivers else ranks))

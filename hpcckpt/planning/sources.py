@@ -5,32 +5,14 @@ Pure: built from parsed headers, a manifest, or a strategy; never opens files it
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from ..dtypes import itemsize
 from ..errors import FormatError
+from ..formats.names import rank_dir_of
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-
-_RANK_DIR = re.compile(r"^rank_(\d+)/")
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def itemsize(self) -> int:
-        return itemsize(self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
-
+from ..layout.tensor import TensorInfo
 
 @dataclass(frozen=True, slots=True)
 class SourceChunk:
@@ -45,11 +27,6 @@ class SourceChunk:
     def rank_dirs(self) -> tuple[int | None, ...]:
         """The ``rank_<r>`` directory of each file (None for files outside rank dirs)."""
         return tuple(rank_dir_of(f) for f in self.files)
-
-
-def rank_dir_of(rel_path: str) -> int | None:
-    m = _RANK_DIR.match(rel_path)
-    return int(m.group(1)) if m else None
 
 
 class SourceIndex:
@@ -165,5 +142,5 @@ def strategy_source(strategy: Strategy, file_of_rank: Callable[[int], str],
                 out.append(SourceChunk(box, files))
         return out
 
-    tensors = [TensorInfo(t.name, t.shape, t.dtype) for t in strategy.tensors]
+    tensors = [t.info for t in strategy.tensors]
     return SourceIndex(tensors, chunks)

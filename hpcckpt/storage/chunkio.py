@@ -19,9 +19,10 @@ import xxhash
 from ..errors import FormatError
 from ..layout.box import Box
 from ..planning.runs import StridedRuns
-from ..planning.sources import SourceChunk, TensorInfo
-from .safetensors_io import (FileHandles, SafetensorsHeader, pread_into, preadv_into, pwrite_all,
-                             read_header)
+from ..layout.tensor import TensorInfo
+from ..planning.sources import SourceChunk
+from ..formats.safetensors import SafetensorsHeader, read_header
+from .fileio import FileHandles, pread_into, preadv_into, pwrite_all
 
 WRITE_RUN = 1 << 10         #: runs this long are written one pwrite each
 SMALL_RUN = 256 << 10       #: with sparse spans, runs this long are read one by one

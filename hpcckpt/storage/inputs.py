@@ -8,23 +8,21 @@ Kinds (SPEC 2): complete weights (HF directory with index, a directory with
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError, UsageError
+from ..formats.names import (DEFAULT_PREFIX, HF_INDEX, HF_SHARD, MANIFEST, MS_NAME_MAP, RANK_DIR,
+                             rank_dir_name, rank_file_name)
+from ..formats.safetensors import SafetensorsHeader, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..planning.sources import (SourceChunk, SourceIndex, TensorInfo, check_tensor_chunks,
-                                group_chunks, strategy_source)
+from ..layout.tensor import TensorInfo
+from ..planning.sources import (SourceChunk, SourceIndex, check_tensor_chunks, group_chunks,
+                                strategy_source)
 from . import training
-from .manifest import MANIFEST, ManifestIndex, read_manifest
-from .safetensors_io import SafetensorsHeader, read_header, safe_join
-
-HF_INDEX = "model.safetensors.index.json"
-MS_NAME_MAP = "param_name_map.json"
-_RANK_DIR = re.compile(r"^rank_(\d+)$")
-_HF_SHARD = re.compile(r"^model-\d{5}-of-\d{5}.*\.safetensors$")
+from .fileio import safe_join
+from .manifest import ManifestIndex, read_manifest
 
 
 @dataclass(frozen=True)
@@ -45,15 +43,10 @@ def rank_dirs(root: str | Path) -> dict[int, Path]:
     out = {}
     if root.is_dir():
         for p in root.iterdir():
-            m = _RANK_DIR.match(p.name)
+            m = RANK_DIR.match(p.name)
             if m and p.is_dir():
                 out[int(m.group(1))] = p
     return dict(sorted(out.items()))
-
-
-def is_distributed(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and ((path / MANIFEST).exists() or bool(rank_dirs(path)))
 
 
 def open_input(path: str | Path, strategy: Strategy | None = None,
@@ -103,7 +96,7 @@ def open_input(path: str | Path, strategy: Strategy | None = None,
             safe_join(path, f, str(path / MS_NAME_MAP))
         return _complete(path, files, "MindSpore merged layout", name_map, path / MS_NAME_MAP)
     files = sorted(p.name for p in path.glob("*.safetensors") if not p.name.endswith(".partial"))
-    shards = [f for f in files if _HF_SHARD.match(f)]
+    shards = [f for f in files if HF_SHARD.match(f)]
     if shards:
         raise FormatError(f"{path}: sharded weights ({shards[0]} ...) without {HF_INDEX}: "
                           "an unfinished merge or an incomplete copy")
@@ -189,7 +182,7 @@ def _distributed_from_strategy(root: Path, strategy: Strategy) -> InputCheckpoin
         if not cands:
             raise FormatError(f"{dirs[r]}: no .safetensors file for rank {r}")
         latest = max(cands, key=lambda p: (p.stat().st_mtime, p.name))
-        files[r] = f"rank_{r}/{latest.name}"
+        files[r] = f"{rank_dir_name(r)}/{latest.name}"
         headers[r] = read_header(latest)
     source = strategy_source(strategy, files.__getitem__,
                              holds=lambda r, name: name in headers[r].tensors)
@@ -199,13 +192,6 @@ def _distributed_from_strategy(root: Path, strategy: Strategy) -> InputCheckpoin
     source.redundancy = redundancy
     return InputCheckpoint("distributed", str(root), source, tuple(files.values()), None, strategy,
                            f"distributed without manifest, {strategy.world_size} ranks")
-
-
-def require_strategy(inp: InputCheckpoint, given: Strategy | None, what: str) -> Strategy:
-    s = given or inp.strategy
-    if s is None:
-        raise UsageError(f"{inp.root}: {what} needs --strategy")
-    return s
 
 
 def open_source(path: str | Path, strategy: Strategy | None, comm, prefix: str | None = None,
@@ -219,8 +205,7 @@ def open_source(path: str | Path, strategy: Strategy | None, comm, prefix: str |
     if strategy is None:
         raise UsageError(f"{path}: does not exist; a simulated dry run of a checkpoint that is "
                          "not here needs --src-strategy")
-    from ..planning.outputs import rank_file_name
-    name = prefix or "model"
+    name = prefix or DEFAULT_PREFIX
     source = strategy_source(strategy, lambda r: rank_file_name(name, r))
     return InputCheckpoint("distributed", str(path), source, (), None, strategy,
                            f"simulated, {strategy.world_size} ranks")

@@ -19,7 +19,7 @@ from ..errors import UsageError
 from .atomic import io_error
 
 LOCK_NAME = ".hpcckpt.lock"
-_HELD: set[str] = set()
+_HELD: dict[str, str] = {}   # lock file (real path) -> what holds it, in this process
 _BUSY = (errno.EACCES, errno.EAGAIN)
 _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
@@ -43,7 +43,7 @@ class OutputLock:
     def acquire(self) -> None:
         key = os.path.realpath(self.path)
         if key in _HELD:
-            raise self._busy(f"{self.what} in this process")
+            raise self._busy(f"{_HELD[key]} in this process")
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -69,7 +69,7 @@ class OutputLock:
                 break
             os.close(fd)
         self.fd = fd
-        _HELD.add(key)
+        _HELD[key] = self.what
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         info = f"{self.what}, pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n"
         try:
@@ -90,7 +90,7 @@ class OutputLock:
             pass
         os.close(self.fd)
         self.fd = None
-        _HELD.discard(os.path.realpath(self.path))
+        _HELD.pop(os.path.realpath(self.path), None)
 
     def _busy(self, holder: str) -> UsageError:
         return UsageError(f"{self.out}: another job is writing this output directory "

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError
+from ..formats.names import MANIFEST, STRATEGY_FILE
 from ..layout.box import Box
 
 FORMAT = "hpcckpt.manifest/1"
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class Manifest:
     redundancy: str                 #: "full" (every rank's boxes) or "dedup" (each box once)
     tensors: tuple[ManifestTensor, ...]
     files: tuple[str, ...]          #: every rank file, including ones holding no tensor
-    strategy: str = "strategy.yaml"
+    strategy: str = STRATEGY_FILE
     prefix: str = ""
 
     def to_dict(self) -> dict:
@@ -78,7 +78,7 @@ class ManifestIndex:
             self.world_size = int(doc["world_size"])
             self.redundancy: str = doc["redundancy"]
             self.files = tuple(doc.get("files", ()))
-            self.strategy: str = doc.get("strategy", "strategy.yaml")
+            self.strategy: str = doc.get("strategy", STRATEGY_FILE)
             self.prefix: str = doc.get("prefix", "")
             self._tensors: dict = doc["tensors"]
             #: name -> (shape, dtype), in the manifest's order

@@ -17,7 +17,8 @@ highest sequence number (``latest`` is a pointer for people and job scripts, rep
 the next manager). ``_<n>`` is the prefix suffix MindSpore adds when the directory
 already holds files of the prefix (see ``prefix_suffix``).
 
-Pure naming and parsing, plus small atomic file updates; no MPI.
+Names are spelled in ``formats.names``; here: parsing, choosing, small atomic updates.
+No MPI.
 """
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import CheckpointIOError, FormatError, UsageError
+from ..formats.names import (MS_META, TRAINING_LATEST, TRAINING_RECORDS, rank_dir_name,
+                             record_name, step_file_name)
 from .atomic import PARTIAL, atomic_write_json, fsync_dir
 
-RECORDS = "commits"
-LATEST = "latest"
-META = "meta.json"
+RECORDS, LATEST, META = TRAINING_RECORDS, TRAINING_LATEST, MS_META
 LATEST_FORMAT = "hpcckpt.latest/1"
 _STEP_FILE = re.compile(r"^(?P<prefix>.+)_rank_(?P<rank>\d+)(?:_(?P<suffix>\d+))?"
                         r"-(?P<epoch>\d+)_(?P<step>\d+)\.safetensors$")
@@ -64,16 +65,6 @@ class StepRecord:
     @property
     def label(self) -> str:
         return f"{self.epoch}_{self.step}"
-
-
-def step_file_name(prefix: str, suffix: int, rank: int, epoch: int, step: int) -> str:
-    """``rank_<r>/{prefix}_rank_<r>[_<suffix>]-{epoch}_{step}.safetensors``."""
-    tail = f"_{suffix}" if suffix else ""
-    return f"rank_{rank}/{prefix}_rank_{rank}{tail}-{epoch}_{step}.safetensors"
-
-
-def record_name(sequence: int, epoch: int, step: int) -> str:
-    return f"{RECORDS}/{sequence:06d}-{epoch}_{step}.json"
 
 
 def parse_step(text: str) -> tuple[int, int]:
@@ -198,13 +189,13 @@ def is_step_file(name: str) -> bool:
 def leftovers(directory: str | Path, rank_dir: int, referenced: set[str]) -> list[Path]:
     """Training-save files in ``rank_<rank_dir>/`` that no committed record names (an
     uncommitted step, a rotated step whose files outlived its record, partial files)."""
-    d = Path(directory) / f"rank_{rank_dir}"
+    d = Path(directory) / rank_dir_name(rank_dir)
     try:
         names = sorted(os.listdir(d))
     except FileNotFoundError:
         return []
     return [d / n for n in names
-            if is_step_file(n) and f"rank_{rank_dir}/{n}" not in referenced]
+            if is_step_file(n) and f"{rank_dir_name(rank_dir)}/{n}" not in referenced]
 
 
 def to_rotate(records: list[StepRecord], prefix: str, keep_max: int) -> list[StepRecord]:
@@ -235,7 +226,7 @@ def read_latest(directory: str | Path) -> dict | None:
 def write_meta(directory: str | Path, rank: int, epoch: int, step: int, file_name: str,
                fsync: bool = True) -> None:
     """``rank_<r>/meta.json`` as MindSpore Transformers writes it (after the commit)."""
-    atomic_write_json(Path(directory) / f"rank_{rank}" / META,
+    atomic_write_json(Path(directory) / rank_dir_name(rank) / META,
                       {"last_epoch": epoch, "last_step": step,
                        "last_ckpt_file": os.path.basename(file_name)}, fsync)
 

@@ -24,7 +24,7 @@ import yaml
 
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 from hpcckpt.units import format_bytes
 
 from helpers import (DTYPES, _kill_group, assert_bytes_equal, clean_env, find_mpiexec,

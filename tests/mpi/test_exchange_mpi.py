@@ -27,7 +27,7 @@ import xxhash
 
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
-from hpcckpt.storage.safetensors_io import build_header, read_header
+from hpcckpt.formats.safetensors import build_header, read_header
 
 from helpers import (DTYPES, allgather, assert_bytes_equal, barrier, box_slices, collective,
                      make_tensors, mine, rank_size)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from hpcckpt.layout.box import Box
-from hpcckpt.ops.exchange import BoxAssembler
+from hpcckpt.ops.route_exec import BoxAssembler
 from hpcckpt.planning.routes import Route, RoutePlan
 from hpcckpt.planning.runs import strided_runs
-from hpcckpt.planning.sources import SourceChunk, TensorInfo
+from hpcckpt.layout.tensor import TensorInfo
+from hpcckpt.planning.sources import SourceChunk
 from hpcckpt.storage.chunkio import copy_runs
 
 T = TensorInfo("w", (4, 6), "F32")
@@ -72,7 +73,7 @@ def test_second_box_piece_by_piece_when_the_first_fills_the_cap():
 
 
 def test_in_order_hashes():
-    from hpcckpt.ops.exchange import InOrderHashes
+    from hpcckpt.ops.route_exec import InOrderHashes
     from hpcckpt.ops.filecopy import checksum_of
     data = np.arange(100, dtype=np.uint8)
     h = InOrderHashes()

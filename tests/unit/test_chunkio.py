@@ -11,10 +11,11 @@ import pytest
 
 from hpcckpt.layout.box import Box
 from hpcckpt.planning.runs import strided_runs
-from hpcckpt.planning.sources import SourceChunk, TensorInfo
+from hpcckpt.layout.tensor import TensorInfo
+from hpcckpt.planning.sources import SourceChunk
 from hpcckpt.storage import chunkio
 from hpcckpt.storage.chunkio import ChunkReader
-from hpcckpt.storage.safetensors_io import build_header
+from hpcckpt.formats.safetensors import build_header
 
 
 def _write(path, name, arr):
@@ -58,7 +59,7 @@ def test_start_writeback(tmp_path, monkeypatch):
     """A hint only: harmless on a file, and it switches itself off where refused."""
     import os
 
-    from hpcckpt.storage import safetensors_io as sio
+    from hpcckpt.storage import fileio as sio
     monkeypatch.setattr(sio, "_SFR", True)
     p = tmp_path / "f"
     fd = os.open(p, os.O_RDWR | os.O_CREAT)
@@ -120,7 +121,7 @@ def test_read_into_strided_destination(tmp_path, chunk_shape, col0, total):
 def test_scatter_with_gaps_and_batches(tmp_path, monkeypatch):
     """Source runs with gaps (a column block of a wider stored chunk), batches cut by
     IOV_MAX, gaps wider than the junk cap, and short preadv returns: same bytes."""
-    from hpcckpt.storage import safetensors_io as sio
+    from hpcckpt.storage import fileio as sio
     rng = np.random.default_rng(5)
     data = rng.integers(0, 256, (40, 3 * 4096), dtype=np.uint8)
     _write(tmp_path / "g.safetensors", "t", data)
@@ -160,7 +161,7 @@ def test_scatter_with_gaps_and_batches(tmp_path, monkeypatch):
 
 def test_preadv_into_short_file(tmp_path):
     from hpcckpt.errors import CheckpointIOError
-    from hpcckpt.storage.safetensors_io import preadv_into
+    from hpcckpt.storage.fileio import preadv_into
     p = tmp_path / "short"
     p.write_bytes(b"x" * 100)
     fd = os.open(p, os.O_RDONLY)

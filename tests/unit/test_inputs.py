@@ -12,7 +12,7 @@ import hpcckpt
 from hpcckpt.errors import FormatError
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.storage.inputs import open_input
-from hpcckpt.storage.safetensors_io import build_header
+from hpcckpt.formats.safetensors import build_header
 
 TENSORS = {"a.w": (8, 6), "b/w": (5,), "c": (3, 4)}
 STRATEGY = {"format": "hpcckpt.strategy/1", "mesh": {"tp": 2},

@@ -16,8 +16,8 @@ from hpcckpt.layout.yaml_io import strategy_from_dict
 from hpcckpt.planning.dedup import plan_dedup
 from hpcckpt.planning.outputs import (divide_writes, hf_files, hf_index, make_file,
                                       rank_file, rank_files)
-from hpcckpt.planning.sources import TensorInfo
-from hpcckpt.storage.safetensors_io import read_header
+from hpcckpt.layout.tensor import TensorInfo
+from hpcckpt.formats.safetensors import read_header
 
 FMT = "hpcckpt.strategy/1"
 

@@ -21,7 +21,8 @@ from hpcckpt.planning.dedup import plan_dedup
 from hpcckpt.planning.outputs import divide_writes, hf_files, rank_files
 from hpcckpt.planning.routes import plan_routes
 from hpcckpt.planning.runs import strided_runs
-from hpcckpt.planning.sources import TensorInfo, group_chunks, strategy_source
+from hpcckpt.layout.tensor import TensorInfo
+from hpcckpt.planning.sources import group_chunks, strategy_source
 
 import yaml
 

@@ -15,7 +15,7 @@ Each rank plans only its own part of the job, so the plans of all ranks are buil
 - load reads each unique destination byte from disk exactly once across the job.
 
 The planners are the pure functions the operations call: ``plan_load``,
-``plan_reshard_state`` and ``plan_node_local`` (hpcckpt/ops/exchange.py).
+``plan_reshard_state`` and ``plan_node_local`` (hpcckpt/planning/route_plans.py).
 """
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ from hypothesis import strategies as st
 
 from hpcckpt.layout.box import Box
 from hpcckpt.layout.strategy import Strategy
-from hpcckpt.ops import exchange
-from hpcckpt.ops.exchange import plan_load, plan_reshard_state
+from hpcckpt.planning import route_plans
+from hpcckpt.planning.route_plans import plan_load, plan_reshard_state
 from hpcckpt.planning.dedup import plan_dedup
 from hpcckpt.planning.outputs import rank_files
 from hpcckpt.planning.routes import RoutePlan
-from hpcckpt.planning.sources import (SourceIndex, TensorInfo, group_chunks,
+from hpcckpt.layout.tensor import TensorInfo
+from hpcckpt.planning.sources import (SourceIndex, group_chunks,
                                       strategy_source)
 
 import test_planning_props as gen  # the random strategy generators (same directory)
@@ -80,7 +81,7 @@ def plan_node_local(source, src_world: int, b: Strategy, dedup: bool, size: int,
                 if here.intersection(c.rank_dirs())]
     mine = [(e.name, e.box) for f in rank_files(b, "p", assignment) if f.rank % size == rank
             for e in f.entries]
-    return exchange.plan_node_local(source, b, rank, size,
+    return route_plans.plan_node_local(source, b, rank, size,
                                     {d: [d % size] for d in range(src_world)}, provided, mine,
                                     assignment.owners() if assignment else None)
 
