@@ -96,6 +96,8 @@ hpcckpt_train() {
   done
   trap - USR1
   last=$(hpcckpt_last_step "$CHECKPOINT_DIR")
+  # 75 (EX_TEMPFAIL): `hpcckpt save` stopped after the preemption save, like exit 0 here
+  if [ "$rc" -eq 75 ]; then rc=0; fi
   if [ "$rc" -ne 0 ]; then
     echo "hpcckpt job $HPCCKPT_JOB_TAG: training FAILED (exit $rc); latest committed step $last" >&2
     exit "$rc"
