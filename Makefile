@@ -1,27 +1,35 @@
 # hpcckpt developer entry points.  From a fresh clone:
+#     make demo        # creates .venv, 4-rank end-to-end demo; keeps its files in demo/
+#     make shell       # a shell with .venv active: hpcckpt and mpiexec on PATH
 #     make test        # creates .venv (MPICH wheel included), runs all test stages
-#     make demo        # 4-rank end-to-end demo
-# Only python3 (with venv) and a C compiler are needed: the `mpich` wheel provides
-# libmpi and $(VENV)/bin/mpiexec, so no system MPI is used.
+# Only python3 (with venv) and a C compiler are needed: the `mpich` extra (the PyPI
+# MPICH wheel) provides libmpi and $(VENV)/bin/mpiexec, so no system MPI is used.
+# On a cluster, use the site's MPI instead: see the README's "Dependencies".
 
 VENV ?= .venv
 PY = $(VENV)/bin/python
 PYTHON3 ?= python3
-DEMO_DIR ?=
+DEMO_DIR ?= demo
+EXTRAS ?= mpich,test,bench
 
-.PHONY: venv demo test bench clean distclean
+.PHONY: venv demo shell test bench clean distclean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -U pip
-	$(PY) -m pip install -e '.[test,bench]'
+	$(PY) -m pip install -e '.[$(EXTRAS)]'
 	@test -x $(VENV)/bin/mpiexec || { echo "error: $(VENV)/bin/mpiexec missing (the mpich wheel did not install it)" >&2; exit 1; }
 	touch $@
 
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m hpcckpt.demo --ranks 4 --workdir $(or $(DEMO_DIR),/tmp/hpcckpt-demo)
+	$(PY) -m hpcckpt.demo --ranks 4 --workdir $(DEMO_DIR) --keep
+
+# What `. .venv/bin/activate` does, for any shell: hpcckpt and mpiexec on PATH.
+shell: $(VENV)/.installed
+	@echo "hpcckpt: $(abspath $(VENV)) active (hpcckpt, mpiexec on PATH); 'exit' leaves it" >&2
+	@VIRTUAL_ENV='$(abspath $(VENV))' PATH='$(abspath $(VENV))/bin':"$$PATH" $${SHELL:-/bin/sh} -i
 
 test: $(VENV)/.installed
 	$(PY) tests/run_all.py
@@ -29,9 +37,9 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py
 
-# Build outputs and caches; keeps the venv.
+# Build outputs, caches and the demo's files; keeps the venv.
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis $(DEMO_DIR)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Back to a fresh clone: also removes the venv.

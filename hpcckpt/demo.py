@@ -1,6 +1,8 @@
 """End-to-end demo: synthetic Llama checkpoint -> split (pp2xdp2xtp2) -> merge -> bit-exact check.
 
-    python -m hpcckpt.demo --ranks 4 --workdir /tmp/hpcckpt-demo [--size-mb 300] [--keep]
+    python -m hpcckpt.demo --ranks 4 --workdir demo [--size-mb 300] [--keep]
+
+(``make demo`` runs this with ``--keep``, so the README's Walkthrough can use the files.)
 
 Steps:
 
@@ -8,7 +10,8 @@ Steps:
    write it as a Hugging Face sharded checkpoint (``model-0000i-of-0000N.safetensors`` +
    ``model.safetensors.index.json``, ~100 MB shards) under ``WORKDIR/hf_model``;
 2. write the training layout ``WORKDIR/strategy.yaml`` (mesh pp2 x dp2 x tp2, 8 strategy
-   ranks, Megatron-style tensor parallelism, ZeRO over dp on the MLP weights);
+   ranks, Megatron-style tensor parallelism, ZeRO over dp on the MLP weights) and a
+   second layout ``WORKDIR/tp4.yaml`` (tensor parallelism over 4) to reshard to;
 3. ``mpiexec -n RANKS python -m hpcckpt split`` it to ``WORKDIR/dist``;
 4. ``mpiexec -n RANKS python -m hpcckpt merge`` that back to ``WORKDIR/merged``;
 5. compare every tensor of the merged output with the original, byte for byte, with
@@ -16,7 +19,8 @@ Steps:
 6. ``python -m hpcckpt inspect WORKDIR/dist``.
 
 Exits 0 only if the round trip is bit-exact. Without ``--keep`` the generated files are
-removed at the end (they are kept after a failure, for a look).
+removed at the end (they are kept after a failure, for a look). WORKDIR is the demo's:
+a second run empties it first, and a non-empty directory the demo did not make is refused.
 """
 from __future__ import annotations
 
@@ -193,6 +197,17 @@ def strategy_doc(shape: ModelShape) -> dict:
             "tensors": dict(entries)}
 
 
+def tp_strategy_doc(shape: ModelShape, tp: int) -> dict:
+    """The same tensors under tensor parallelism alone (mesh ``tp``): the reshard target."""
+    doc = strategy_doc(shape)
+    tensors = {}
+    for name, t in doc["tensors"].items():
+        tensors[name] = {"shape": t["shape"], "dtype": t["dtype"]}
+        if "split" in t:
+            tensors[name]["split"] = t["split"]
+    return {"format": "hpcckpt.strategy/1", "mesh": {"tp": tp}, "tensors": tensors}
+
+
 # ---- running the tool ----------------------------------------------------------------
 def find_mpiexec() -> str:
     try:
@@ -321,17 +336,42 @@ def parse_args(argv=None):
     return args
 
 
+#: marks a directory as the demo's own, so a second run may empty it
+MARKER = ".hpcckpt-demo"
+
+
+def prepare_workdir(work: Path) -> None:
+    """Create WORKDIR, or empty it if an earlier demo made it (with whatever the
+    walkthrough added); refuse a non-empty directory the demo did not make."""
+    if work.exists() and not work.is_dir():
+        raise SystemExit(f"demo: {work} is not a directory; choose another --workdir")
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARKER).is_file():
+            raise SystemExit(f"demo: {work} is not empty and was not made by the demo; "
+                             "choose another --workdir")
+        for p in work.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("made by python -m hpcckpt.demo; emptied by its next run\n")
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the current directory when below it (as a user types it)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    prepare_workdir(work)
     paths = {"model": work / "hf_model", "strategy": work / "strategy.yaml",
-             "dist": work / "dist", "merged": work / "merged"}
-    for p in paths.values():   # only what a previous demo run made
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+             "tp4": work / "tp4.yaml", "dist": work / "dist", "merged": work / "merged"}
     py, mpiexec = sys.executable, find_mpiexec()
     hp = [py, "-m", "hpcckpt"]
     launch = [mpiexec, "-n", str(args.ranks)] + hp
@@ -354,6 +394,9 @@ def main(argv=None) -> int:
         write_strategy_yaml(strategy, paths["strategy"])
         print(f"\n== strategy: mesh {strategy.mesh}, {strategy.world_size} strategy ranks, "
               f"{len(strategy.tensors)} tensors -> {paths['strategy']}", flush=True)
+        write_strategy_yaml(strategy_from_dict(tp_strategy_doc(shape, 4), where="demo tp4"),
+                            paths["tp4"])
+        print(f"   and a layout to reshard to, mesh tp4 -> {paths['tp4']}", flush=True)
 
         times["split"] = run(launch + ["split", str(paths["model"]), str(paths["dist"]),
                                        "--strategy", str(paths["strategy"])],
@@ -398,16 +441,16 @@ def main(argv=None) -> int:
         print("\ndemo: interrupted", file=sys.stderr)
         return 130
     if ok and not args.keep:
-        for p in paths.values():
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        try:
-            work.rmdir()   # only if now empty
-        except OSError:
-            pass
+        shutil.rmtree(work)
         print(f"   (removed the demo files; pass --keep to keep them under {work})")
+    elif ok:
+        d = shown(work)
+        print(f"\n== kept under {d}/: hf_model/ (complete weights), strategy.yaml "
+              "(pp2 dp2 tp2), tp4.yaml, dist/ (split), merged/ (merged back)")
+        print("   next: `make shell` (or `. .venv/bin/activate`) puts hpcckpt and mpiexec on "
+              "PATH; then the README's Walkthrough, e.g.")
+        print(f"   hpcckpt strategy show {d}/strategy.yaml --tensor "
+              "model.layers.0.mlp.down_proj.weight")
     elif not ok:
         print(f"   files kept for inspection under {work}", file=sys.stderr)
     return 0 if ok else 1

@@ -15,8 +15,11 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise UsageError(f"cannot read size {text!r} (examples: 5GB, 500MB, 64MiB, 1048576)")
+    if m and m.group(2).upper() not in _UNITS:
+        raise UsageError(f"{text!r}: unknown unit {m.group(2)!r} (units: B, KB, MB, GB, TB, "
+                         "KiB, MiB, GiB, TiB; e.g. 5GB, 64MiB, 1048576)")
+    if not m:
+        raise UsageError(f"{text!r} is not a size (e.g. 5GB, 500MB, 64MiB, 1048576)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 

@@ -21,8 +21,9 @@ case "$HPCCKPT_LAUNCHER" in
   srun)
     # a PMI the MPI library does not speak gives N singletons (refused by the launch check)
     # or an MPI_Init failure; ask srun which plugins this cluster has
-    srun --mpi=list 2>&1 | grep -qw -- "$HPCCKPT_SRUN_MPI" \
-      || hpcckpt_die "srun has no --mpi=$HPCCKPT_SRUN_MPI here; \`srun --mpi=list\` offers: $(srun --mpi=list 2>&1 | tr -s ' \n\t' ' ')" ;;
+    hpcckpt_pmis=$(srun --mpi=list 2>&1 | tr -s ' \t,:' '\n')
+    [ -n "$HPCCKPT_SRUN_MPI" ] && grep -qx -- "$HPCCKPT_SRUN_MPI" <<< "$hpcckpt_pmis" \
+      || hpcckpt_die "srun has no --mpi=$HPCCKPT_SRUN_MPI here; \`srun --mpi=list\` offers: $(echo $hpcckpt_pmis)" ;;
   mpiexec)
     command -v mpiexec >/dev/null || hpcckpt_die "no mpiexec in $HPCCKPT_ENV/bin nor on PATH" ;;
   *) hpcckpt_die "HPCCKPT_LAUNCHER=$HPCCKPT_LAUNCHER: expected srun or mpiexec" ;;

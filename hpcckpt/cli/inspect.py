@@ -6,7 +6,7 @@ import json
 
 from ..layout.loader import load_strategy
 from ..units import format_bytes
-from .common import add_step_option, at_step, examples
+from .common import add_output_options, add_step_option, at_step, examples
 
 HELP = "describe a checkpoint (any kind) or a strategy"
 EXAMPLES = examples("""
@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--strategy", help="strategy for a distributed checkpoint without manifest")
     add_step_option(p)
     p.add_argument("--tensors", action="store_true", help="list every tensor")
-    p.add_argument("--json", action="store_true")
+    add_output_options(p, reads_only=True)
     p.set_defaults(run=run)
 
 
@@ -35,6 +35,9 @@ def run(args, comm):
         info = describe_path(path, strategy, args.tensors) if comm.rank == 0 else None
     if comm.rank == 0:
         print(json.dumps(info) if args.json else render(info))
+    # exit status 1 on every rank when the checkpoint is not complete (its report says why)
+    if comm.bcast(comm.rank == 0 and info.get("complete") is False):
+        raise SystemExit(1)
     return None
 
 

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shlex
 import sys
 
@@ -127,7 +128,7 @@ def run_render(args, comm):
     verb_args = _split_rest(args)
     opts = JobOptions(nodes=args.nodes, tasks_per_node=args.tasks_per_node, time=args.time,
                       partition=args.partition, account=args.account, job_name=args.job_name,
-                      mpi=args.mpi, env=args.env, log_dir=args.log_dir, array=args.array,
+                      mpi=args.mpi, env=os.path.abspath(args.env), log_dir=args.log_dir, array=args.array,
                       settings=_pairs(args.set, "--set"), sbatch=_pairs(args.sbatch, "--sbatch"),
                       command=shlex.join(["hpcckpt", *sys.argv[1:]]))
     if verb_args is not None:
@@ -135,8 +136,8 @@ def run_render(args, comm):
     script = render(args.verb, verb_args, opts)
     sys.stdout.write(script)
     if verb_args is None:
-        print(f"hpcckpt jobs render: note: no arguments after `--`: ARGS keeps the template's "
-              f"example paths; edit them before submitting", file=sys.stderr)
+        print("hpcckpt jobs render: note: no arguments after `--`: ARGS keeps the template's "
+              "example paths; edit them before submitting", file=sys.stderr)
     return None
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
 from ..layout.loader import load_strategy
 from .common import add_exchange_options, add_step_option, at_step, add_run_options, add_simulate_options, examples
 
@@ -35,6 +36,11 @@ def run(args, comm):
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy)
         src = load_strategy(args.src_strategy) if args.src_strategy else None
+    if args.dry_run and strategy.world_size != comm.size:  # the same verdict on every rank
+        n = strategy.world_size
+        raise UsageError(f"{args.strategy}: strategy has {n} ranks but the job has {comm.size}; "
+                         f"launch with mpiexec -n {n}, or plan one of its ranks in this "
+                         f"process with --dry-run --simulate-world {n} --simulate-rank R")
     path = at_step(comm, args.path, args.step)
     return load_job(path, strategy, comm, against=args.against, src_strategy=src,
                     dry_run=args.dry_run, buffer_size=args.buffer_size,

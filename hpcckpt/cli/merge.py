@@ -5,7 +5,7 @@ import argparse
 
 from ..layout.loader import load_strategy
 from ..units import parse_size
-from .common import add_run_options, add_step_option, at_step, copy_options, examples
+from .common import add_run_options, add_step_option, at_step, copy_options, examples, size_type
 
 HELP = "distributed checkpoint -> complete weights (HF or MindSpore layout)"
 EXAMPLES = examples("""
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("dist", help="distributed checkpoint directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--strategy", help="strategy (needed when DIST has no manifest.json)")
-    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
+    p.add_argument("--max-shard-size", type=size_type(), default=parse_size("5GB"),
                    help="largest shard (default 5GB)")
     p.add_argument("--exclude-prefix", action="append", default=[], metavar="P",
                    help="leave out tensors whose name starts with P (repeatable)")

@@ -8,7 +8,7 @@ from ..layout.loader import load_strategy
 from ..layout.yaml_io import strategy_to_yaml
 from ..ops.inspect import describe_strategy
 from ..units import format_bytes
-from .common import examples
+from .common import add_output_options, examples
 
 HELP = "show a strategy: every rank's boxes for a tensor, or a summary"
 EXAMPLES = examples("""
@@ -27,7 +27,7 @@ def register(sub) -> None:
     show.add_argument("strategy")
     show.add_argument("--tensor", help="print every rank's box of this tensor")
     show.add_argument("--yaml", action="store_true", help="print the normalised YAML")
-    show.add_argument("--json", action="store_true")
+    add_output_options(show, reads_only=True)
     show.set_defaults(run=run_show)
 
 

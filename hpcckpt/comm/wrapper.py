@@ -14,7 +14,7 @@ from array import array
 from itertools import accumulate
 from typing import Any, Iterator
 
-from ..errors import HpcckptError, RankFailure
+from ..errors import HpcckptError, LaunchError, RankFailure
 from . import interrupts
 
 
@@ -32,6 +32,20 @@ class Comm:
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return obj if self.mpi is None else self.mpi.bcast(obj, root=root)
+
+    def bcast_bytes(self, data: bytes | bytearray | None, root: int = 0,
+                    chunk: int = 1 << 30) -> bytes | bytearray:
+        """``root``'s bytes on every rank, as raw buffers (``Bcast`` of uint8 views in
+        pieces of at most ``chunk`` bytes: MPI counts are 32-bit), not a pickle."""
+        if self.mpi is None:
+            return data
+        from mpi4py import MPI
+        n = self.mpi.bcast(len(data) if self.rank == root else None, root=root)
+        buf = bytearray(data) if self.rank == root else bytearray(n)
+        view = memoryview(buf)
+        for off in range(0, n, chunk):
+            self.mpi.Bcast([view[off:off + chunk], MPI.BYTE], root=root)
+        return buf
 
     def allgather(self, obj: Any) -> list:
         return [obj] if self.mpi is None else self.mpi.allgather(obj)
@@ -116,11 +130,21 @@ def describe(e: BaseException, debug: bool = False) -> str:
 
 
 def world_comm() -> Comm:
-    """COMM_WORLD when mpi4py is available, else the one-process stand-in."""
+    """COMM_WORLD when mpi4py is available, else the one-process stand-in.
+
+    Raises:
+        LaunchError: mpi4py is installed but finds no MPI library to load (installed
+            without the ``mpich`` extra, and no site MPI on the library path)."""
     try:
         from mpi4py import MPI
     except ImportError:
         return Comm(None)
+    except RuntimeError as e:  # mpi4py's wheel dlopens libmpi when MPI is first imported
+        why = "; ".join(str(e).splitlines()[1:]) or str(e)
+        raise LaunchError(
+            f"mpi4py cannot load an MPI library ({why}): install the embedded MPICH with "
+            "pip install 'hpcckpt[mpich]', or make the site's MPI loadable (module load, "
+            "or MPI4PY_LIBMPI=/path/to/libmpi.so); see the README's Dependencies") from None
     return Comm(MPI.COMM_WORLD)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..dtypes import DTYPES, itemsize
-from ..errors import CheckpointIOError, FormatError
+from ..errors import CheckpointIOError, FormatError, quote
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
@@ -74,11 +74,32 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     return parse_header(path, raw, size)
 
 
-def parse_header(path: str, raw: bytes, file_size: int) -> SafetensorsHeader:
+def load_json(raw: bytes | str, where: str, what: str = "", object_pairs_hook=None):
+    """``json.loads`` of an untrusted file, every failure one ``FormatError`` naming it:
+    invalid JSON or UTF-8, nesting too deep for the parser (a ``RecursionError``
+    otherwise), and duplicate keys in any object (the last would silently win).
+    ``what`` names the part (``"header"``); ``object_pairs_hook`` post-processes objects."""
+    what = f"{what} " if what else ""
+
+    def unique(pairs):
+        if len(pairs) > 1:
+            seen = set()
+            for k, _ in pairs:
+                if k in seen:
+                    raise FormatError(f"{where}: {what}has the key {quote(k)} twice")
+                seen.add(k)
+        return object_pairs_hook(pairs) if object_pairs_hook else dict(pairs)
+
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        return json.loads(raw, object_pairs_hook=unique)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: header is not valid JSON: {e}") from None
+        raise FormatError(f"{where}: {what}is not valid JSON: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{where}: {what}is nested too deeply to be valid") from None
+
+
+def parse_header(path: str, raw: bytes, file_size: int) -> SafetensorsHeader:
+    doc = load_json(raw, path, "header")
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     data_start = 8 + len(raw)
@@ -92,14 +113,14 @@ def parse_header(path: str, raw: bytes, file_size: int) -> SafetensorsHeader:
         if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= set(t):
             raise FormatError(f"{at}: entry needs dtype, shape and data_offsets")
         dtype, shape, offs = t["dtype"], t["shape"], t["data_offsets"]
-        if dtype not in DTYPES:
-            raise FormatError(f"{at}: unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise FormatError(f"{at}: unknown dtype {quote(dtype)}")
         if (not isinstance(shape, list)
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise FormatError(f"{at}: bad shape {shape!r}")
+            raise FormatError(f"{at}: bad shape {quote(shape)}")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-            raise FormatError(f"{at}: bad data_offsets {offs!r}")
+            raise FormatError(f"{at}: bad data_offsets {quote(offs)}")
         b, e = offs
         if not 0 <= b <= e <= data_len:
             raise FormatError(f"{at}: data_offsets [{b}, {e}] are outside the data region "
@@ -115,6 +136,10 @@ def parse_header(path: str, raw: bytes, file_size: int) -> SafetensorsHeader:
             raise FormatError(
                 f"{path}: tensors {a.name!r} (bytes {a.begin - data_start}-{a.end - data_start}) "
                 f"and {b.name!r} (bytes {b.begin - data_start}-{b.end - data_start}) overlap")
+    end = ordered[-1].end - data_start if ordered else 0
+    if end != data_len:   # the safetensors library refuses these too
+        raise FormatError(f"{path}: {data_len - end} byte(s) after the last tensor's data "
+                          f"(the data region is {data_len} bytes, its tensors end at {end})")
     return SafetensorsHeader(path, data_start, file_size, tensors, dict(meta))
 
 

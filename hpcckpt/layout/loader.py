@@ -20,6 +20,10 @@ def load_strategy(path: str | Path) -> Strategy:
     if path.is_dir():
         if (path / STRATEGY_FILE).is_file():
             return read_strategy_yaml(path / STRATEGY_FILE)
+        if any(path.glob("*.safetensors")) or any(path.glob("rank_*/*.safetensors")):
+            raise StrategyError(f"{path}: is a checkpoint (safetensors files), not a strategy; "
+                                "give a strategy YAML file, or a distributed checkpoint "
+                                f"directory holding {STRATEGY_FILE}")
         if any(path.glob("*.ckpt")) or any(path.glob("*.json")):
             raise StrategyError(f"{path}: MindSpore strategy directories are not supported yet; "
                                 "give an hpcckpt strategy YAML file")

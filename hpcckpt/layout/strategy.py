@@ -19,6 +19,11 @@ from .tensor import TensorInfo
 PP_AXIS = "pp"
 #: the "format" value of a strategy document (YAML or dict)
 STRATEGY_FORMAT = "hpcckpt.strategy/1"
+#: refused beyond these, before anything is expanded: a mesh of 10**9 ranks or a shape of
+#: 10**30 elements is a typo or a hostile file, and planning would run for ever
+MAX_WORLD = 1 << 20          #: ranks in a mesh (the largest jobs today: ~10**5)
+MAX_NDIM = 64                #: dimensions of a tensor (numpy's own limit)
+MAX_TENSOR_BYTES = (1 << 63) - 1   #: bytes of one tensor (safetensors offsets are 64-bit)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ from pathlib import Path
 import yaml
 
 from ..dtypes import DTYPES
-from ..errors import StrategyError
+from ..errors import StrategyError, quote
 from .box import Box
-from .strategy import PP_AXIS, STRATEGY_FORMAT, Mesh, Strategy, TensorSpec
+from .strategy import (MAX_NDIM, MAX_TENSOR_BYTES, MAX_WORLD, PP_AXIS, STRATEGY_FORMAT, Mesh,
+                       Strategy, TensorSpec)
 
 _TENSOR_KEYS = {"shape", "dtype", "split", "stage", "zero", "boxes"}
 
@@ -24,7 +25,7 @@ def strategy_from_dict(doc: object, where: str = "strategy") -> Strategy:
         raise StrategyError(f"{where}: expected a mapping with 'format', 'mesh' and 'tensors'")
     fmt = doc.get("format")
     if fmt != STRATEGY_FORMAT:
-        raise StrategyError(f"{where}: 'format' is {fmt!r}, expected {STRATEGY_FORMAT!r}")
+        raise StrategyError(f"{where}: 'format' is {quote(fmt)}, expected {STRATEGY_FORMAT!r}")
     mesh = _mesh(doc.get("mesh"), where)
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict):
@@ -41,39 +42,52 @@ def _mesh(raw: object, where: str) -> Mesh:
     axes = []
     for name, size in raw.items():
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise StrategyError(f"{where}: mesh axis {name!r} has size {size!r}; "
+            raise StrategyError(f"{where}: mesh axis {quote(name)} has size {quote(size)}; "
                                 "sizes must be positive integers")
         axes.append((str(name), size))
-    return Mesh(tuple(axes))
+    mesh = Mesh(tuple(axes))
+    if mesh.world_size > MAX_WORLD:
+        raise StrategyError(f"{where}: mesh {quote(raw)} has {mesh.world_size} ranks; at most "
+                            f"{MAX_WORLD} are supported")
+    return mesh
 
 
 def _tensor(name: str, e: object, mesh: Mesh, where: str) -> TensorSpec:
-    at = f"{where}: tensor {name!r}"
+    at = f"{where}: tensor {quote(name)}"
     if not isinstance(e, dict):
         raise StrategyError(f"{at}: expected a mapping with 'shape' and 'dtype'")
     unknown = set(e) - _TENSOR_KEYS
     if unknown:
-        raise StrategyError(f"{at}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+        names = sorted(str(k)[:60] for k in unknown)
+        more = ", ..." if len(names) > 6 else ""
+        raise StrategyError(f"{at}: unknown key(s) {', '.join(names[:6])}{more}; "
                             f"allowed: {', '.join(sorted(_TENSOR_KEYS))}")
     shape = e.get("shape")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool)
                                               for s in shape):
-        raise StrategyError(f"{at}: 'shape' must be a list of integers, got {shape!r}")
+        raise StrategyError(f"{at}: 'shape' must be a list of integers, got {quote(shape)}")
+    if len(shape) > MAX_NDIM:
+        raise StrategyError(f"{at}: shape {quote(shape)} has {len(shape)} dimensions; at most "
+                            f"{MAX_NDIM} are supported")
     if any(s < 0 for s in shape):
-        raise StrategyError(f"{at}: negative size in shape {shape}")
+        raise StrategyError(f"{at}: negative size in shape {quote(shape)}")
     dtype = e.get("dtype")
-    if dtype not in DTYPES:
-        raise StrategyError(f"{at}: unknown dtype {dtype!r} "
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise StrategyError(f"{at}: unknown dtype {quote(dtype)} "
                             f"(known: {' '.join(DTYPES)})")
+    if math.prod(shape) * DTYPES[dtype][0] > MAX_TENSOR_BYTES:
+        raise StrategyError(f"{at}: {dtype} {quote(shape)} would hold "
+                            f"{math.prod(shape) * DTYPES[dtype][0]} bytes; at most "
+                            f"{MAX_TENSOR_BYTES} are supported")
     stage = e.get("stage")
     if stage is not None:
         if PP_AXIS not in mesh.sizes:
-            raise StrategyError(f"{at}: has 'stage: {stage}' but the mesh has no 'pp' axis")
+            raise StrategyError(f"{at}: has 'stage: {quote(stage)}' but the mesh has no 'pp' axis")
         if not isinstance(stage, int) or isinstance(stage, bool):   # YAML's true is not 1
             raise StrategyError(f"{at}: 'stage' must be an integer (a pp coordinate), "
-                                f"got {stage!r}")
+                                f"got {quote(stage)}")
         if not 0 <= stage < mesh.sizes[PP_AXIS]:
-            raise StrategyError(f"{at}: stage {stage!r} is out of range for pp={mesh.sizes[PP_AXIS]}")
+            raise StrategyError(f"{at}: stage {stage} is out of range for pp={mesh.sizes[PP_AXIS]}")
     if "boxes" in e:
         for key in ("split", "zero", "stage"):
             if e.get(key) is not None:
@@ -83,8 +97,8 @@ def _tensor(name: str, e: object, mesh: Mesh, where: str) -> TensorSpec:
     split = _split(e.get("split"), len(shape), mesh, at)
     zero = e.get("zero")
     if zero is not None:
-        if zero not in mesh.sizes:
-            raise StrategyError(f"{at}: unknown zero axis {zero!r} (mesh axes: {', '.join(mesh.names)})")
+        if not isinstance(zero, str) or zero not in mesh.sizes:
+            raise StrategyError(f"{at}: unknown zero axis {quote(zero)} (mesh axes: {', '.join(mesh.names)})")
         if any(zero in axes for axes in split):
             raise StrategyError(f"{at}: zero axis {zero!r} is also used in 'split'")
         if not shape:
@@ -107,7 +121,7 @@ def _split(raw: object, ndim: int, mesh: Mesh, at: str) -> tuple[tuple[str, ...]
         axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
         if not isinstance(axes, (list, tuple)) or not all(isinstance(a, str) for a in axes):
             raise StrategyError(f"{at}: split[{dim}] must be null, an axis name or a list of "
-                                f"axis names, got {entry!r}")
+                                f"axis names, got {quote(entry)}")
         for a in axes:
             if a not in mesh.sizes:
                 raise StrategyError(f"{at}: unknown axis {a!r} in split[{dim}] "
@@ -128,7 +142,7 @@ def _explicit_boxes(raw: object, shape: tuple[int, ...], mesh: Mesh, at: str) ->
         try:
             rank = int(key)
         except (TypeError, ValueError):
-            raise StrategyError(f"{at}: boxes key {key!r} is not a rank number") from None
+            raise StrategyError(f"{at}: boxes key {quote(key)} is not a rank number") from None
         if not 0 <= rank < mesh.world_size:
             raise StrategyError(f"{at}: boxes names rank {rank}, outside the mesh's "
                                 f"{mesh.world_size} ranks")
@@ -140,7 +154,7 @@ def _explicit_boxes(raw: object, shape: tuple[int, ...], mesh: Mesh, at: str) ->
             raise StrategyError(f"{at}: box of rank {rank} needs {len(shape)} offsets and sizes")
         if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in offs + sizes):
             raise StrategyError(f"{at}: box of rank {rank} has a negative or non-integer "
-                                f"offset or size: offsets {offs}, sizes {sizes}")
+                                f"offset or size: offsets {quote(offs)}, sizes {quote(sizes)}")
         box = Box(tuple(offs), tuple(sizes))
         if not Box.full(shape).contains(box):
             raise StrategyError(f"{at}: box {box} of rank {rank} lies outside shape {list(shape)}")
@@ -193,12 +207,45 @@ def read_strategy_yaml(path: str | Path) -> Strategy:
     except OSError as e:
         from ..errors import CheckpointIOError
         raise CheckpointIOError(f"{path}: cannot read strategy: {e.strerror or e}") from None
+    return strategy_from_yaml_text(text, str(path))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"duplicate key {quote(key)} at line {line} (first at line {first})")
+
+
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """The safe loader (libyaml's parser when PyYAML has it: ~10x faster on 1024-rank
+    strategies) refusing duplicate keys, which PyYAML resolves silently, last one
+    winning: a tensor listed twice would take the layout of its second entry."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:
+                    continue   # unhashable: the constructor reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def strategy_from_yaml_text(text: str | bytes, where: str) -> Strategy:
+    """Parse and validate a strategy YAML document read elsewhere (``where`` names it)."""
     try:
-        # libyaml's parser when PyYAML has it: ~10x faster on 1024-rank strategies
-        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        doc = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        raise StrategyError(f"{where}: {e}") from None
     except yaml.YAMLError as e:
-        raise StrategyError(f"{path}: not valid YAML: {e}") from None
-    return strategy_from_dict(doc, where=str(path))
+        raise StrategyError(f"{where}: not valid YAML: {e}") from None
+    return strategy_from_dict(doc, where=where)
 
 
 def write_strategy_yaml(strategy: Strategy, path: str | Path) -> None:

@@ -37,7 +37,8 @@ def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[
     tensors = tuple(ManifestTensor(t.name, t.shape, t.dtype, tuple(chunks[t.name]))
                     for t in strategy.tensors)
     return Manifest(strategy.world_size, "dedup" if dedup else "full", tensors,
-                    tuple(f.path for f in files), STRATEGY_FILE, prefix)
+                    tuple(f.path for f in files), STRATEGY_FILE, prefix,
+                    tuple(f.size for f in files), strategy)
 
 
 def rank_dirs_of(strategy: Strategy) -> list[str]:

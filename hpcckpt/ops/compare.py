@@ -23,7 +23,7 @@ def compare_slices(arrays: dict[str, np.ndarray], strategy: Strategy, rank: int,
     """
     inp = open_input(ref)
     check_tensors_match(inp.source, strategy, ref, "the strategy", allow_extra=True)
-    reader = ChunkReader(inp.root, scratch_bytes=buffer_size)
+    reader = ChunkReader(inp, scratch_bytes=buffer_size)
     buf = np.empty(max(16, buffer_size), np.uint8)
     compared = 0
     try:

@@ -52,7 +52,7 @@ def source_reader(reader: ChunkReader, source: SourceIndex) -> ReadFn:
     return read
 
 
-def write_files(comm: Comm, source: SourceIndex, source_root: str, out: str,
+def write_files(comm: Comm, source: SourceIndex, source_root, out: str,
                 files: list[OutputFile], pieces: list[list[WritePiece]], records: RecordsFn,
                 op: str, opts: WriteOptions, *, inputs: Iterable[str] = (),
                 markers: Sequence[str] = (), dirs: Iterable[str] = (),

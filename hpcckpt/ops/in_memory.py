@@ -74,11 +74,11 @@ def load(path: str, strategy: Strategy, comm=None, *, budget: int = DEFAULT_BUDG
     t0 = time.perf_counter()
     check_world(strategy, comm)  # the same verdict on every rank: no step needed
     with comm.step("plan"):
-        inp = open_input(step_path(path, step), src_strategy, lazy=True)
+        inp = open_input(step_path(path, step), src_strategy, lazy=True, comm=comm)
         check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
         plan = plan_load(inp.source, strategy, comm.rank)
         out, targets = _allocate(strategy, comm.rank)
-    reader = ChunkReader(inp.root, scratch_bytes=buffer_size)
+    reader = ChunkReader(inp, scratch_bytes=buffer_size)
     file_read = region_reader(lambda r: ("file", reader, 0))
 
     def read(route: Route, sub: Box, buf: memoryview, base: int) -> None:

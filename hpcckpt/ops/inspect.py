@@ -9,8 +9,49 @@ from ..errors import HpcckptError
 from ..layout.loader import load_strategy
 from ..layout.strategy import Strategy
 from ..formats.names import HF_INDEX, MANIFEST, MS_NAME_MAP, STRATEGY_FILE
+from ..formats.safetensors import read_header
 from ..storage.inputs import open_input
 from ..storage.training import is_record_path
+
+
+MAX_PROBLEMS = 20   #: listed in the report (``problems_total`` counts all)
+
+
+def check_against_manifest(inp) -> list[str]:
+    """What the rank files say against what the manifest records, without reading
+    data: each file's size (format 2 records it), its header (read and validated:
+    a truncated or empty file fails here), and every chunk the manifest lists
+    present in its file's header with the tensor's dtype and the chunk's shape.
+    Checksums are ``hpcckpt verify``'s (they need every byte read)."""
+    m, problems = inp.manifest, []
+    headers = {}
+    for f in m.files:
+        fp = os.path.join(inp.root, f)
+        try:
+            size = os.path.getsize(fp)
+        except OSError:
+            continue   # reported as missing
+        want = m.file_sizes.get(f) if m.file_sizes is not None else None
+        if want is not None and size != want:
+            problems.append(f"{f}: {size} bytes, the manifest records {want}")
+            continue
+        try:
+            headers[f] = read_header(fp)
+        except HpcckptError as e:
+            problems.append(str(e))
+    for name, t in inp.source.tensors.items():
+        for box, f, _ in m.records(name):
+            h = headers.get(f)
+            if h is None or not box.volume:
+                continue
+            e = h.tensors.get(name)
+            if e is None:
+                problems.append(f"{f}: has no tensor {name!r} (the manifest lists its chunk "
+                                f"{box} there)")
+            elif e.dtype != t.dtype or e.shape != box.sizes:
+                problems.append(f"{f}: tensor {name!r} is {e.dtype} {list(e.shape)}, the "
+                                f"manifest says its chunk {box} is {t.dtype} {list(box.sizes)}")
+    return problems
 
 
 def describe_strategy(s: Strategy) -> dict:
@@ -48,6 +89,8 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
             problems.append(f"missing file {f}")
         else:
             stored += os.path.getsize(fp)
+    if inp.manifest is not None:
+        problems += check_against_manifest(inp)
     out["stored_bytes"] = stored
     if inp.kind == "distributed":
         out.update({"world_size": inp.manifest.world_size if inp.manifest else
@@ -57,7 +100,9 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
             out["mesh"] = inp.strategy.mesh.to_dict()
     out["complete"] = not problems
     if problems:
-        out["problems"] = problems
+        out["problems"] = problems[:MAX_PROBLEMS]
+        if len(problems) > MAX_PROBLEMS:
+            out["problems_total"] = len(problems)
     if list_tensors:
         out["tensor_list"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                                "chunks": len(src.chunks(t.name))} for t in src.tensors.values()]

@@ -29,7 +29,7 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
     if layout not in ("hf", "ms"):
         raise UsageError(f"--layout must be hf or ms, not {layout!r}")
     with comm.step("plan"):
-        inp = open_input(dist, strategy)
+        inp = open_input(dist, strategy, comm=comm)
         tensors = [t for t in inp.source.tensors.values()
                    if not any(t.name.startswith(p) for p in exclude_prefixes)]
         if not tensors:
@@ -42,7 +42,7 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         return _complete_records(files, layout, inp.root)
 
     # complete weights carry no checksums: nothing to hash
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "merge", options,
+    result = write_files(comm, inp.source, inp, out, files, pieces, records, "merge", options,
                          inputs=(str(dist),), markers=markers, marker_first=True,
                          checksums_needed=False)
     result.extra.update({"layout": layout, "tensors": len(tensors),

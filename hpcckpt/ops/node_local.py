@@ -51,7 +51,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     per_rank_out = my_out != out or comm.size == 1
     simulated = getattr(comm, "simulated", False)
     with comm.step("plan"):
-        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True)
+        inp = open_source(my_in, src_strategy, comm, prefix, lazy=True, shared=False)
         if inp.kind != "distributed" or (inp.manifest is None and not simulated):
             raise UsageError(f"{my_in}: --node-local needs a distributed checkpoint with its "
                              f"{MANIFEST} on every node")
@@ -96,7 +96,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     prepare_output_dir(comm, my_out, options.overwrite, (MANIFEST,), inputs=(my_in,),
                        mine=per_rank_out or comm.rank == 0)
     created: list[str] = []
-    reader = ChunkReader(my_in, scratch_bytes=options.buffer_size)
+    reader = ChunkReader(inp, scratch_bytes=options.buffer_size)
     fds: dict[int, int] = {}
     try:
         with comm.step("create files"):

@@ -48,7 +48,7 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
     def records(checksums):
         return distributed_records(strategy, files, checksums, bool(mode), prefix)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "reshard",
+    result = write_files(comm, inp.source, inp, out, files, pieces, records, "reshard",
                          options, inputs=(str(dist),), markers=(MANIFEST,),
                          dirs=rank_dirs_of(strategy))
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": bool(mode),

@@ -23,7 +23,7 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool | str = Fa
     comm: Comm = as_comm(comm)
     mode = dedup_mode(dedup)
     with comm.step("plan"):
-        inp = open_input(complete)
+        inp = open_input(complete, comm=comm)
         check_tensors_match(inp.source, strategy, str(complete), "the strategy")
         files = rank_files(strategy, prefix, plan_dedup(strategy, mode) if mode else None)
         pieces = divide_writes(files, comm.size)
@@ -31,7 +31,7 @@ def split(complete: str, out: str, strategy: Strategy, *, dedup: bool | str = Fa
     def records(checksums):
         return distributed_records(strategy, files, checksums, bool(mode), prefix)
 
-    result = write_files(comm, inp.source, inp.root, out, files, pieces, records, "split", options,
+    result = write_files(comm, inp.source, inp, out, files, pieces, records, "split", options,
                          inputs=(str(complete),), markers=(MANIFEST,),
                          dirs=rank_dirs_of(strategy))
     result.extra.update({"strategy_world_size": strategy.world_size, "dedup": bool(mode)})

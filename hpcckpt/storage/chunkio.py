@@ -21,8 +21,8 @@ from ..layout.box import Box
 from ..planning.runs import StridedRuns
 from ..layout.tensor import TensorInfo
 from ..planning.sources import SourceChunk
-from ..formats.safetensors import SafetensorsHeader, read_header
-from .fileio import FileHandles, pread_into, preadv_into, pwrite_all
+from .fileio import pread_into, pwrite_all
+from .reader import CheckpointReader
 
 WRITE_RUN = 1 << 10         #: runs this long are written one pwrite each
 SMALL_RUN = 256 << 10       #: with sparse spans, runs this long are read one by one
@@ -89,15 +89,16 @@ def slabs(sr: StridedRuns, max_span: int) -> list[StridedRuns]:
 
 
 class ChunkReader:
-    """Reads stored chunks from files under ``root``; validates each header entry once.
+    """Reads planned runs of stored chunks through a ``CheckpointReader``'s
+    ``read_region`` (a directory path stands for its safetensors files).
 
     A region stored contiguously is read straight into the caller's buffer, and so is
     each run of at least ``SMALL_RUN`` bytes; runs of at least ``SCATTER_RUN`` that are
-    dense in their span are scattered into it by one ``preadv``. Smaller runs are read
-    with their span, in
-    slabs of at most ``SCRATCH_CAP`` bytes, into a scratch buffer (allocated on first
-    use) and gathered by a numpy strided copy: a few MiB that stay in the CPU cache,
-    whatever ``scratch_bytes`` asks for above that.
+    dense in their span are scattered into it by one read with many views (``preadv``
+    for files). Smaller runs are read with their span, in slabs of at most
+    ``SCRATCH_CAP`` bytes, into a scratch buffer (allocated on first use) and gathered by
+    a numpy strided copy: a few MiB that stay in the CPU cache, whatever
+    ``scratch_bytes`` asks for above that.
 
     A chunk whose source records a checksum (``SourceChunk.checksums``) is verified when
     this reader's reads of it, in order, cover it whole: its bytes are hashed as they
@@ -106,15 +107,15 @@ class ChunkReader:
     (``verify_counts``), not verified.
     """
 
-    def __init__(self, root: str, scratch_bytes: int = 16 << 20):
-        self.root = root
-        self.handles = FileHandles()
-        self.headers: dict[str, SafetensorsHeader] = {}
+    def __init__(self, source: "str | CheckpointReader", scratch_bytes: int = 16 << 20):
+        if isinstance(source, (str, os.PathLike)):
+            from .inputs import SafetensorsReader
+            source = SafetensorsReader(source)
+        self.source = source
         self.scratch_bytes = max(1 << 16, min(scratch_bytes, SCRATCH_CAP))
         self._scratch: bytearray | None = None
         self._junk_buf: memoryview | None = None
         self.bytes_read = 0
-        self._begins: dict[tuple[str, str], int] = {}
         #: (file, tensor) -> (bytes hashed in order, hasher), or None once out of order
         self._hashing: dict[tuple[str, str], tuple[int, object] | None] = {}
         self.chunks_verified = 0
@@ -125,49 +126,23 @@ class ChunkReader:
             self._scratch = bytearray(self.scratch_bytes)
         return self._scratch
 
-    def path(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
-
-    def begin(self, rel: str, t: TensorInfo, chunk_box: Box) -> int:
-        key = (rel, t.name)
-        got = self._begins.get(key)
-        if got is None:
-            h = self.headers.get(rel)
-            if h is None:
-                h = self.headers[rel] = read_header(self.path(rel))
-            e = h.entry(t.name)
-            if e.dtype != t.dtype or e.shape != chunk_box.sizes:
-                raise FormatError(f"{h.path}: tensor {t.name!r} is {e.dtype} {list(e.shape)} but "
-                                  f"the checkpoint says its chunk {chunk_box} is {t.dtype} "
-                                  f"{list(chunk_box.sizes)}")
-            got = self._begins[key] = e.begin
-        return got
-
-    def locate(self, chunk: SourceChunk, t: TensorInfo, replica: int = 0) -> tuple[int, str, int]:
-        """(file descriptor, path, absolute offset of the tensor's data) of a stored chunk."""
-        rel = chunk.files[replica]
-        begin = self.begin(rel, t, chunk.box)
-        path = self.path(rel)
-        return self.handles.get(path), path, begin
-
     def read(self, chunk: SourceChunk, t: TensorInfo, sr: StridedRuns, out,
              out_base: int = 0, replica: int = 0) -> None:
         """Copy ``sr`` (source offsets relative to the tensor's stored data) into ``out``."""
         if sr.length == 0:
             return
-        fd, path, begin = self.locate(chunk, t, replica)
         self.bytes_read += sr.nbytes
-        self._read(fd, path, begin, sr, out, out_base)
+        self._read(chunk.files[replica], t, chunk.box, sr, out, out_base)
         if chunk.checksums and chunk.checksums[replica]:
-            self._verify(chunk, t, replica, path, sr, out, out_base)
+            self._verify(chunk, t, replica, sr, out, out_base)
 
     def verify_counts(self) -> dict[str, int]:
         """Chunks with a recorded checksum: verified, and read only in part (or out of
         order), so not verified by this reader."""
         return {"chunks_verified": self.chunks_verified, "chunks_read_in_part": len(self._hashing)}
 
-    def _verify(self, chunk: SourceChunk, t: TensorInfo, replica: int, path: str,
-                sr: StridedRuns, out, out_base: int) -> None:
+    def _verify(self, chunk: SourceChunk, t: TensorInfo, replica: int, sr: StridedRuns, out,
+                out_base: int) -> None:
         key = (chunk.files[replica], t.name)
         state = self._hashing.get(key, (0, None))
         if state is None:
@@ -191,48 +166,50 @@ class ChunkReader:
         self._hashing.pop(key, None)
         got, want = "xxh3_64:" + h.hexdigest(), chunk.checksums[replica]
         if got != want:
+            path = os.path.join(self.source.root, chunk.files[replica])
             raise FormatError(f"{path}: tensor {t.name!r} chunk {chunk.box}: checksum mismatch "
                               f"(the bytes read hash to {got}, the manifest records {want}): "
                               "the file is damaged")
         self.chunks_verified += 1
 
-    def _read(self, fd: int, path: str, begin: int, sr: StridedRuns, out, out_base: int) -> None:
+    def _read(self, rel: str, t: TensorInfo, box: Box, sr: StridedRuns, out,
+              out_base: int) -> None:
+        region = self.source.read_region
         if not sr.counts:
             dlo = out_base + sr.dst_start
-            pread_into(fd, memoryview(out)[dlo:dlo + sr.length], begin + sr.src_start, path)
+            region(rel, t, box, sr.src_start, [memoryview(out)[dlo:dlo + sr.length]])
             return
         lo, hi = sr.src_span()
         if sr.length >= SMALL_RUN and hi - lo > 2 * sr.nbytes:
             mv, n = memoryview(out), sr.length
             for so, do in zip(*sr.offsets()):
-                pread_into(fd, mv[out_base + do:out_base + do + n], begin + so, path)
+                region(rel, t, box, so, [mv[out_base + do:out_base + do + n]])
             return
         if sr.length >= SCATTER_RUN and hi - lo <= 2 * sr.nbytes:
-            self._scatter(fd, path, begin, sr, memoryview(out), out_base)
+            self._scatter(rel, t, box, sr, memoryview(out), out_base)
             return
         scratch = self.scratch
         for part in slabs(sr, len(scratch)):
             lo, hi = part.src_span()
             if not part.counts:
                 dlo = out_base + part.dst_start
-                pread_into(fd, memoryview(out)[dlo:dlo + part.length], begin + lo, path)
+                region(rel, t, box, lo, [memoryview(out)[dlo:dlo + part.length]])
                 continue
-            pread_into(fd, memoryview(scratch)[:hi - lo], begin + lo, path)
+            region(rel, t, box, lo, [memoryview(scratch)[:hi - lo]])
             copy_runs(StridedRuns(part.src_start - lo, part.dst_start, part.length,
                                   part.counts, part.src_strides, part.dst_strides),
                       scratch, 0, out, out_base)
 
-    def _scatter(self, fd: int, path: str, begin: int, sr: StridedRuns, out: memoryview,
+    def _scatter(self, rel: str, t: TensorInfo, box: Box, sr: StridedRuns, out: memoryview,
                  out_base: int) -> None:
-        """Read ``sr`` in source order with ``preadv``: each run into its place in
-        ``out``, each gap between runs into a junk buffer."""
+        """Read ``sr`` in source order: each run into its place in ``out``, each gap
+        between runs into a junk buffer, one ``read_region`` per stretch."""
         views: list[memoryview] = []
         start = expect = 0
         n = sr.length
-        for so, do in zip(*sr.offsets()):
-            src = begin + so
+        for src, do in zip(*sr.offsets()):
             if views and not 0 <= src - expect <= JUNK_CAP:   # a wide gap, or back
-                preadv_into(fd, views, start, path)
+                self.source.read_region(rel, t, box, start, views)
                 views = []
             if not views:
                 start = src
@@ -241,7 +218,7 @@ class ChunkReader:
             d = out_base + do
             views.append(out[d:d + n])
             expect = src + n
-        preadv_into(fd, views, start, path)
+        self.source.read_region(rel, t, box, start, views)
 
     def _junk(self, n: int) -> memoryview:
         if self._junk_buf is None or len(self._junk_buf) < n:
@@ -249,7 +226,7 @@ class ChunkReader:
         return self._junk_buf[:n]
 
     def close(self) -> None:
-        self.handles.close()
+        self.source.close()
 
 
 def write_runs_to_file(fd: int, path: str, begin: int, sr: StridedRuns, src,

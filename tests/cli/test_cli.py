@@ -25,6 +25,7 @@ import yaml
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.storage.manifest import read_manifest
 from hpcckpt.units import format_bytes
 
 from helpers import (DTYPES, _kill_group, assert_bytes_equal, clean_env, find_mpiexec,
@@ -210,8 +211,8 @@ def fails_everywhere(args, n: int, line: str, prelude: str = "") -> subprocess.C
     assert sorted(codes) == list(range(n)), f"not every rank reported its exit: {codes}\n{p.stderr}"
     assert all(c != 0 for c in codes.values()), f"a rank exited 0: {codes}\n{p.stderr}"
     assert seconds < 30, f"took {seconds:.1f} s"
-    # rank 0 alone prints the error
-    assert sum(1 for ln in p.stderr.splitlines() if ": error: " in ln) == 1, p.stderr
+    # rank 0 alone prints the error, once, naming every failing rank
+    assert p.stderr.splitlines() == [line], p.stderr
     return p
 
 
@@ -500,14 +501,17 @@ def test_inspect_human_and_json(data, tmp_path):
     # a rank file gone: inspect reports the problem
     broken = copy_dist(data["dist8"], tmp_path / "broken")
     (broken / "rank_5" / "model_rank_5.safetensors").unlink()
-    info = json.loads(ok(cli(["inspect", broken, "--json"])).stdout)
+    p = cli(["inspect", broken, "--json"])
+    assert p.returncode == 1, p.stderr   # not complete: the report says why, the status too
+    info = json.loads(p.stdout)
     assert info["complete"] is False
     assert info["problems"] == ["missing file rank_5/model_rank_5.safetensors"]
 
     # a distributed checkpoint whose manifest never got written
     partial = copy_dist(data["dist8"], tmp_path / "unfinished")
     (partial / "manifest.json").unlink()
-    p = ok(cli(["inspect", partial, "--json"]))
+    p = cli(["inspect", partial, "--json"])
+    assert p.returncode == 1, p.stderr
     info = json.loads(p.stdout)
     assert info == {"kind": "distributed", "path": str(partial), "complete": False,
                     "problem": "no manifest.json: the write did not finish"}
@@ -552,8 +556,7 @@ def test_strategy_show(data):
 def test_error_missing_input(data, tmp_path):
     missing, out = tmp_path / "nope.safetensors", tmp_path / "out"
     fails_everywhere(["split", missing, out, "--strategy", data["s3"]], 3,
-                     f"hpcckpt split: error: rank 0: {missing}: no such file or directory "
-                     "(and 2 more ranks)")
+                     f"hpcckpt split: error: ranks 0-2: {missing}: no such file or directory")
     assert not out.exists()
     p = cli(["merge", tmp_path / "nodist", out], n=1)
     has_error(p, f"hpcckpt merge: error: rank 0: {tmp_path / 'nodist'}: no such file or directory")
@@ -591,7 +594,7 @@ def test_error_malformed_safetensors(tmp_path, case):
         _bad_file(bad, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, 12)
         msg = f"{bad}: tensor 'a': F32 [4] needs 16 bytes but data_offsets [0, 12] hold 12"
     fails_everywhere(["split", bad, out, "--strategy", s], 3,
-                     f"hpcckpt split: error: rank 0: {msg} (and 2 more ranks)")
+                     f"hpcckpt split: error: ranks 0-2: {msg}")
     assert_nothing_complete(out)
     p = cli(["inspect", bad])
     has_error(p, f"hpcckpt inspect: error: rank 0: {msg}")
@@ -606,8 +609,8 @@ def test_error_index_names_file_outside(data, tmp_path):
                                "weight_map": {n: "../evil.safetensors" for n in TENSORS}}))
     out = tmp_path / "out"
     fails_everywhere(["split", model, out, "--strategy", data["s3"]], 3,
-                     f"hpcckpt split: error: rank 0: {idx}: names file '../evil.safetensors' "
-                     f"outside its directory {model} (and 2 more ranks)")
+                     f"hpcckpt split: error: ranks 0-2: {idx}: names file '../evil.safetensors' "
+                     f"outside its directory {model}")
     assert_nothing_complete(out)
 
 
@@ -617,7 +620,7 @@ def test_error_strategy_unknown_axis(data, tmp_path):
     msg = f"{bad}: tensor 'w': unknown axis 'xx' in split[0] (mesh axes: tp)"
     out = tmp_path / "out"
     fails_everywhere(["split", data["model"], out, "--strategy", bad], 3,
-                     f"hpcckpt split: error: rank 0: {msg} (and 2 more ranks)")
+                     f"hpcckpt split: error: ranks 0-2: {msg}")
     assert not out.exists()
     has_error(cli(["strategy", "show", bad]), f"hpcckpt strategy: error: rank 0: {msg}")
 
@@ -691,7 +694,7 @@ def test_one_rank_fails_mid_copy(data, tmp_path):
     p = fails_everywhere(["merge", dist, out, "--no-fsync"], 3,
                          f"hpcckpt merge: error: rank 1: {f}: tensor 't1': data_offsets [0, 64] "
                          "are outside the data region of 10 bytes")
-    assert "more rank" not in p.stderr  # ranks 0 and 2 did not fail
+    assert "ranks" not in p.stderr  # ranks 0 and 2 did not fail
     assert not out.exists()  # the job had started writing, created OUT and removed it
 
 
@@ -699,7 +702,7 @@ def test_reshard_names_a_bad_manifest_chunk_before_writing(data, tmp_path):
     """Reshard decodes the manifest lazily, tensor by tensor: the rank whose file needs
     the damaged tensor names it in the plan step, before any output exists."""
     dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
-    doc = json.loads((dist / "manifest.json").read_text())
+    doc = read_manifest(dist).expanded()
     doc["tensors"]["t1"]["chunks"][0]["offsets"] = [8]
     (dist / "manifest.json").write_text(json.dumps(doc))
     rotated = write_yaml(tmp_path / "rotated.yaml", ROTATED_TRIO_DOC)
@@ -707,7 +710,7 @@ def test_reshard_names_a_bad_manifest_chunk_before_writing(data, tmp_path):
                          f"hpcckpt reshard: error: rank 2: {dist / 'manifest.json'}: tensor "
                          "'t1' chunk [8:24] in rank_1/model_rank_1.safetensors lies outside "
                          "shape [16]")
-    assert "more rank" not in p.stderr   # ranks 0 and 1 write t2 and t0
+    assert "ranks" not in p.stderr   # ranks 0 and 1 write t2 and t0
     assert not out.exists()
 
 
@@ -805,10 +808,11 @@ def test_load_reads_each_unique_byte_once(data, tmp_path, source):
     assert max(reads) < TOTAL  # the reading is shared, not done by one rank
 
 
-def test_load_tp3_from_dist_tiny_messages(data, tmp_path):
+def test_load_tp3_from_dist_smallest_exchange(data, tmp_path):
+    """The smallest messages and budget the CLI accepts (the API's tests go smaller)."""
     s = write_yaml(tmp_path / "tp3.yaml", TP3)
     doc = _load_json([data["dist8"], "--strategy", s, "--against", data["model"],
-                      "--max-message", "16", "--exchange-budget", "64"], n=3)
+                      "--max-message", "64KiB", "--exchange-budget", "1MiB"], n=3)
     strat = hpcckpt.load_strategy(s)
     held = [strat.rank_bytes(r) for r in range(3)]
     assert [r["bytes_held"] for r in doc["per_rank"]] == held
@@ -881,8 +885,14 @@ def test_simulated_plan_without_checkpoint(data, tmp_path):
     doc = json.loads(ok(cli(["load", missing, "--strategy", data["s8"], "--src-strategy",
                              data["s8"], "--dry-run", "--json", "--simulate-world", "8",
                              "--simulate-rank", "7"])).stdout)
+    assert doc["simulated"] is True and len(doc["per_rank"]) == 1
     row = doc["per_rank"][0]
-    assert row["rank"] == 7 and row["bytes_received"] + row["bytes_read"] >= 0
+    # the same rank of a real 8-rank dry run on the checkpoint split for that strategy
+    real = _load_json([data["dist8"], "--strategy", data["s8"], "--dry-run"], n=8)
+    keys = ("rank", "bytes_read", "bytes_received", "bytes_sent")
+    assert {k: row[k] for k in keys} == {k: real["per_rank"][7][k] for k in keys}
+    held = hpcckpt.load_strategy(data["s8"]).rank_bytes(7)
+    assert row["rank"] == 7 and row["bytes_read"] + row["bytes_received"] == held > 0
     assert not missing.exists()
     p = cli(["load", missing, "--strategy", data["s8"], "--dry-run", "--simulate-world", "8"])
     has_error(p, f"hpcckpt load: error: {missing}: does not exist; a simulated dry run of a "
@@ -898,3 +908,142 @@ def test_simulate_needs_dry_run(data, tmp_path):
     p = cli(["reshard", data["dist8"], tmp_path / "o", "--strategy", data["s8"], "--dry-run",
              "--simulate-world", "8", "--simulate-rank", "8"])
     has_error(p, "hpcckpt reshard: error: --simulate-rank 8 is not a rank of a 8-rank job")
+
+
+# ---------------------------------------------------------------------------------
+# the command line as a new user meets it: floors, uniform flags, usage, errors in the
+# user's words, one report per job, closed pipes
+# ---------------------------------------------------------------------------------
+def usage_error(p: subprocess.CompletedProcess, usage: str, line: str) -> None:
+    """Exit 2, the (sub)command's usage line first, then exactly ``line``."""
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    lines = p.stderr.splitlines()
+    assert lines[0].startswith(f"usage: {usage} "), p.stderr
+    assert lines[-1] == line, p.stderr
+
+
+def test_exchange_settings_below_the_floor_are_refused(data, tmp_path):
+    p = cli(["load", data["dist8"], "--strategy", data["s3"], "--max-message", "1"])
+    usage_error(p, "hpcckpt load", "hpcckpt load: error: argument --max-message: 1 is below "
+                "the floor of 64.00 KiB (smaller messages make many tiny MPI calls)")
+    p = cli(["reshard", data["dist8"], tmp_path / "out", "--strategy", data["s3"],
+             "--node-local", "--exchange-budget", "1023KiB"])
+    usage_error(p, "hpcckpt reshard", "hpcckpt reshard: error: argument --exchange-budget: "
+                "1023KiB is below the floor of 1.00 MiB (smaller budgets make many tiny rounds)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_command_takes_json_and_dry_run():
+    """SPEC 3 and the README: every (sub)command, including those added later, except
+    those that only print text on a login node without MPI (``jobs``)."""
+    from hpcckpt.cli.main import _subparsers, build_parser
+    leaves = [p for p in _subparsers(build_parser())
+              if not any(isinstance(a, __import__("argparse")._SubParsersAction)
+                         for a in p._actions) and p.get_default("needs_mpi") is not False]
+    assert {"hpcckpt inspect", "hpcckpt strategy show", "hpcckpt split"} <= \
+        {p.prog for p in leaves}
+    for p in leaves:
+        assert {"--json", "--dry-run", "--debug"} <= set(p._option_string_actions), p.prog
+
+
+def test_read_only_commands_accept_dry_run_and_json(data):
+    a = json.loads(ok(cli(["inspect", data["dist8"], "--json"])).stdout)
+    b = json.loads(ok(cli(["inspect", data["dist8"], "--dry-run", "--json", "--debug"])).stdout)
+    assert a == b and a["complete"] is True
+    p = ok(cli(["strategy", "show", data["s3"], "--dry-run", "--json"]))
+    assert json.loads(p.stdout)["world_size"] == 3
+
+
+def test_argparse_errors_show_the_subcommands_usage(data):
+    usage_error(cli(["inspect", data["dist8"], "--bogus"]), "hpcckpt inspect",
+                "hpcckpt inspect: error: unrecognized arguments: --bogus")
+    usage_error(cli(["strategy", "show", data["s3"], "--tensors"]), "hpcckpt strategy show",
+                "hpcckpt strategy show: error: unrecognized arguments: --tensors")
+    usage_error(cli(["split", data["model"]]), "hpcckpt split",
+                "hpcckpt split: error: the following arguments are required: out, --strategy")
+
+
+def test_errors_in_the_users_words(data, tmp_path):
+    from hpcckpt.cli.main import build_parser
+    p = cli(["split", data["model"], tmp_path / "out", "--strategy", data["s3"],
+             "--buffer-size", "4XB"])
+    usage_error(p, "hpcckpt split", "hpcckpt split: error: argument --buffer-size: '4XB': "
+                "unknown unit 'XB' (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; "
+                "e.g. 5GB, 64MiB, 1048576)")
+    p = cli(["merge", data["dist8"], tmp_path / "out", "--max-shard-size", "big"])
+    usage_error(p, "hpcckpt merge", "hpcckpt merge: error: argument --max-shard-size: 'big' "
+                "is not a size (e.g. 5GB, 500MB, 64MiB, 1048576)")
+    assert not (tmp_path / "out").exists()
+
+    actions = next(a for a in build_parser()._actions if a.dest == "command").choices
+    strategy_actions = ", ".join(next(a for a in actions["strategy"]._actions
+                                      if a.dest == "strategy_cmd").choices)
+    usage_error(cli(["strategy"]), "hpcckpt strategy",
+                f"hpcckpt strategy: error: `hpcckpt strategy` needs one of: {strategy_actions} "
+                "(see `hpcckpt strategy --help`)")
+    usage_error(cli([]), "hpcckpt", f"hpcckpt: error: `hpcckpt` needs one of: "
+                f"{', '.join(actions)} (see `hpcckpt --help`)")
+
+    hf = tmp_path / "some_hf_dir"
+    ok(cli(["merge", data["dist8"], hf, "--max-shard-size", "200B", "--no-fsync"]))
+    assert (hf / "model.safetensors.index.json").is_file()
+    has_error(cli(["strategy", "show", hf]),
+              f"hpcckpt strategy: error: rank 0: {hf}: is a checkpoint (safetensors files), "
+              "not a strategy; give a strategy YAML file, or a distributed checkpoint "
+              "directory holding strategy.yaml")
+
+
+def test_an_error_on_every_rank_is_reported_once(data, tmp_path):
+    missing, out = tmp_path / "nope.safetensors", tmp_path / "out"
+    line = (f"hpcckpt split: error: ranks 0-2: {missing}: no such file or directory")
+    p = fails_everywhere(["split", missing, out, "--strategy", data["s3"], "--json"], 3, line)
+    assert p.stderr.splitlines() == [line], p.stderr   # no per-rank repetition
+    report = [ln for ln in p.stdout.splitlines() if not ln.startswith("@@")]
+    assert [json.loads(ln) for ln in report] == [
+        {"error": f"ranks 0-2: {missing}: no such file or directory", "ranks": [0, 1, 2]}]
+
+
+def test_a_one_rank_error_is_json_too(data, tmp_path):
+    dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
+    f = dist / "rank_1" / "model_rank_1.safetensors"
+    os.truncate(f, read_header(f).data_start + 10)
+    msg = f"{f}: tensor 't1': data_offsets [0, 64] are outside the data region of 10 bytes"
+    p = fails_everywhere(["merge", dist, out, "--no-fsync", "--json"], 3,
+                         f"hpcckpt merge: error: rank 1: {msg}")
+    report = [ln for ln in p.stdout.splitlines() if not ln.startswith("@@")]
+    assert [json.loads(ln) for ln in report] == [{"error": f"rank 1: {msg}", "ranks": [1]}]
+    # a usage error with --json: the same shape, printed once for the whole job
+    p, codes, _ = run_ranks(["merge", dist, out, "--json", "--max-shard-size", "5XB"], 2)
+    assert codes == {0: 2, 1: 2}, p.stderr
+    report = [ln for ln in p.stdout.splitlines() if not ln.startswith("@@")]
+    err = ("argument --max-shard-size: '5XB': unknown unit 'XB' (units: B, KB, MB, GB, TB, "
+           "KiB, MiB, GiB, TiB; e.g. 5GB, 64MiB, 1048576)")
+    assert [json.loads(ln) for ln in report] == [{"error": err, "ranks": [0, 1]}]
+    assert p.stderr.count(err) == 1, p.stderr
+
+
+def test_load_dry_run_in_one_process_points_at_simulate_world(data):
+    p = cli(["load", data["dist8"], "--strategy", data["s3"], "--dry-run"])
+    has_error(p, f"hpcckpt load: error: {data['s3']}: strategy has 3 ranks but the job has 1; "
+                 "launch with mpiexec -n 3, or plan one of its ranks in this process with "
+                 "--dry-run --simulate-world 3 --simulate-rank R")
+    doc = json.loads(ok(cli(["load", data["dist8"], "--strategy", data["s3"], "--dry-run",
+                             "--json", "--simulate-world", "3", "--simulate-rank", "2"])).stdout)
+    assert [r["rank"] for r in doc["per_rank"]] == [2]
+
+
+@pytest.mark.parametrize("args", [["inspect", "dist8", "--tensors"],
+                                  ["merge", "dist8", "OUT", "--dry-run"]])
+def test_a_closed_stdout_ends_quietly(data, tmp_path, args):
+    """``hpcckpt inspect ... | head``: the reader left; no traceback, the status a shell
+    gives a tool stopped by SIGPIPE (141)."""
+    args = [data.get(a, tmp_path / "out" if a == "OUT" else a) for a in args]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hpcckpt", *map(os.fspath, args)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              env=clean_env(), timeout=TIMEOUT)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, ""), proc.stderr

@@ -24,6 +24,7 @@ import xxhash
 import hpcckpt
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.storage.manifest import read_manifest
 
 from helpers import (DTYPES, assert_bytes_equal, barrier, box_slices, collective, make_tensors,
                      mine, rank_size)
@@ -238,10 +239,12 @@ def check_rank_files(comm, dist: Path, s: hpcckpt.Strategy, dedup: bool, prefix:
 def check_manifest(comm, dist: Path, s: hpcckpt.Strategy, dedup: bool, prefix: str = "model"):
     """manifest.json: world size, redundancy, files, every chunk's box and its xxh3_64 checksum
     (recomputed from the stored bytes); dedup stores every distinct box exactly once."""
-    doc = json.loads((dist / "manifest.json").read_text())
+    raw = json.loads((dist / "manifest.json").read_text())
+    doc = read_manifest(dist).expanded()   # every chunk listed, as format 1 does
 
     def check_doc():
-        assert doc["format"] == "hpcckpt.manifest/1"
+        assert raw["format"] == "hpcckpt.manifest/2"
+        assert raw["file_sizes"] == [(dist / f).stat().st_size for f in raw["files"]]
         assert doc["world_size"] == s.world_size
         assert doc["redundancy"] == ("dedup" if dedup else "full")
         assert doc["files"] == [f"rank_{r}/{prefix}_rank_{r}.safetensors"

@@ -17,8 +17,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol")
@@ -32,8 +35,13 @@ class Unavailable(Exception):
 
 
 def _missing_packages() -> list[str]:
-    return [p for p in PACKAGES
-            if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    """Packages not installed (`dpkg -s` also succeeds for removed ones that left their
+    configuration files behind)."""
+    def installed(p: str) -> bool:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
+                           text=True)
+        return r.returncode == 0 and r.stdout.strip() == "install ok installed"
+    return [p for p in PACKAGES if not installed(p)]
 
 
 def ensure_installed(log) -> None:
@@ -294,3 +302,26 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                                      f"\n{self.logs_tail()}")
             time.sleep(0.2)
 
+
+def start_cluster(nodes: int):
+    """Yield a running cluster of ``nodes`` nodes; stop it (and remove its state unless
+    HPCCKPT_SLURM_KEEP=1) after."""
+    # not under pytest's 0700 tmp tree: munged (user munge) must reach its socket directory
+    root = Path(tempfile.mkdtemp(prefix=f"hpcckpt-slurm{nodes}-", dir="/tmp"))
+    root.chmod(0o755)
+    c = Cluster(root, nodes, log=lambda m: print(f"[slurm fixture] {m}", flush=True))
+    try:
+        c.start()
+    except Unavailable as e:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"SLURM unavailable: {e}")
+    except BaseException:
+        c.stop()
+        raise
+    try:
+        yield c
+    finally:
+        c.stop()
+        if os.environ.get("HPCCKPT_SLURM_KEEP") != "1":
+            shutil.rmtree(root, ignore_errors=True)

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,30 @@ def ok(run: JobRun) -> JobRun:
     assert run.state == "COMPLETED" and run.exit_code == 0, run.describe()
     assert run.summary is not None, f"no JSON summary\n{run.describe()}"
     return run
+
+
+def preempt_training(cluster, command: list, ckpt: Path, last: int, work: Path, *,
+                     nodes: int, tasks_per_node: int, timeout: float = 300
+                     ) -> tuple[dict, str, list[dict]]:
+    """Run ``command`` as a training through the save template; once its first step is
+    committed (``rank_0/meta.json``), send SIGUSR1 to the batch shell as SLURM does before
+    a time limit; wait until the job ends (requeued runs included). Returns the job's
+    record, its output and the JSON lines the training printed."""
+    script = render("save", [str(a) for a in command], JobOptions(
+        nodes=nodes, tasks_per_node=tasks_per_node, time="00:10:00", env=sys.prefix,
+        log_dir=str(work), settings=(("CHECKPOINT_DIR", str(ckpt)), ("LAST_STEP", str(last)))))
+    job = cluster.sbatch(script, work)
+    deadline = time.monotonic() + 120
+    while not (ckpt / "rank_0" / "meta.json").exists():
+        assert time.monotonic() < deadline, cluster.job(job)
+        time.sleep(0.1)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job])
+    info = cluster.wait(job, timeout=timeout)
+    out = Path(info["StdOut"]).read_text()
+    err = Path(info["StdErr"]).read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{out}\n{err}"
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return info, out, events
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -7,11 +7,9 @@ looks complete; preemption of a training job (CheckpointManager, when this hpcck
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,9 +18,9 @@ import pytest
 import yaml
 
 import hpcckpt
-from conftest import start_cluster
-from jobkit import (assert_nothing_complete, check_merged, copy_tree, ok, reference_reshard,
-                    reference_split, run_job, same_tree, write_model)
+from cluster import start_cluster
+from jobkit import (assert_nothing_complete, check_merged, copy_tree, ok, preempt_training,
+                    reference_reshard, reference_split, run_job, same_tree, write_model)
 
 HERE = Path(__file__).resolve().parent
 
@@ -163,28 +161,13 @@ def test_preemption_saves_requeues_and_resumes(cluster, tmp_path):
     if not (hasattr(hpcckpt, "CheckpointManager") or "CheckpointManager" in dir(hpcckpt)):
         pytest.skip("hpcckpt has no CheckpointManager yet (issue 10): preemption test not run")
     sys.path.insert(0, str(HERE))
-    from train import base, my_slices  # noqa: F401 - the same state the job computes
+    from train import base  # the state the job computes
     strategy_path = tmp_path / "f32.yaml"
     strategy_path.write_text(yaml.safe_dump(F32, sort_keys=False))
     ckpt, last = tmp_path / "checkpoint", 30
-    from hpcckpt.jobs import JobOptions, render
-    script = render("save", [sys.executable, HERE / "train.py", ckpt, strategy_path, str(last),
-                             "0.2"],
-                    JobOptions(nodes=4, tasks_per_node=1, time="00:10:00", env=sys.prefix,
-                               log_dir=str(tmp_path), settings=(("CHECKPOINT_DIR", str(ckpt)),
-                                                                ("LAST_STEP", str(last)))))
-    job = cluster.sbatch(script, tmp_path)
-    meta = ckpt / "rank_0" / "meta.json"
-    deadline = time.monotonic() + 120
-    while not meta.exists():  # the first commit (step 5)
-        assert time.monotonic() < deadline, cluster.job(job)
-        time.sleep(0.1)
-    cluster.run(["scancel", "--signal=USR1", "--batch", job])
-    info = cluster.wait(job, timeout=300)
-    out = Path(info["StdOut"]).read_text()
-    err = Path(info["StdErr"]).read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{out}\n{err}"
-    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    info, out, events = preempt_training(
+        cluster, [sys.executable, HERE / "train.py", ckpt, strategy_path, last, 0.2], ckpt, last,
+        tmp_path, nodes=4, tasks_per_node=1)
     first = [e for e in events if e["run"] == 0]
     second = [e for e in events if e["run"] == 1]
     assert len(first) == len(second) == 4, out

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import start_cluster
-from jobkit import (FULL, check_merged, copy_tree, has_verb,
+from cluster import start_cluster
+from jobkit import (FULL, check_merged, copy_tree, has_verb, preempt_training,
                     ok, reference_reshard, reference_split, run_job, same_tree, verb_help,
                     write_model)
 
@@ -143,24 +142,9 @@ def test_save_template_requeues_and_resumes(cluster, work, tmp_path):
     SIGUSR1 to the batch shell -> forwarded to the task -> a save of the current step ->
     scontrol requeue -> the next run resumes from that step; the state proves it."""
     ckpt, last = tmp_path / "ckpt", 40
-    from hpcckpt.jobs import JobOptions, render
-    script = render("save", [sys.executable, HERE / "standin_train.py", ckpt, str(last), "5",
-                             "0.15"],
-                    JobOptions(nodes=1, tasks_per_node=1, time="00:10:00", env=sys.prefix,
-                               log_dir=str(tmp_path), settings=(("CHECKPOINT_DIR", str(ckpt)),
-                                                                ("LAST_STEP", str(last)))))
-    job = cluster.sbatch(script, tmp_path)
-    meta = ckpt / "rank_0" / "meta.json"
-    deadline = time.monotonic() + 60
-    while not meta.exists():  # a first commit (step 5)
-        assert time.monotonic() < deadline, cluster.job(job)
-        time.sleep(0.1)
-    cluster.run(["scancel", "--signal=USR1", "--batch", job])
-    info = cluster.wait(job, timeout=180)
-    out = Path(info["StdOut"]).read_text()
-    err = Path(info["StdErr"]).read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{out}\n{err}"
-    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    info, out, events = preempt_training(
+        cluster, [sys.executable, HERE / "standin_train.py", ckpt, last, 5, 0.15], ckpt, last,
+        tmp_path, nodes=1, tasks_per_node=1)
     preempt = [e for e in events if e.get("preempted")]
     assert len(preempt) == 1, out
     p = preempt[0]["committed"]
@@ -173,3 +157,19 @@ def test_save_template_requeues_and_resumes(cluster, work, tmp_path):
     assert "SIGUSR1: forwarding it to the training step" in out
     assert f"stopped at committed step {p} of {last}; requeueing" in out
     assert f"finished at step {last}" in out
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("HPCCKPT_SRUN_MPI", "pmi9", "hpcckpt job: error: srun has no --mpi=pmi9 here; `srun "
+     "--mpi=list` offers: MPI plugin types are... pmix none cray_shasta pmi2 specific pmix "
+     "plugin versions available pmix_v4"),
+    ("HPCCKPT_ENV", "/nonexistent/venv", "hpcckpt job: error: /nonexistent/venv/bin/hpcckpt is "
+     "not executable: set HPCCKPT_ENV to the environment (venv) where hpcckpt is installed"),
+])
+def test_a_misconfigured_job_stops_before_launching(cluster, work, tmp_path, setting, value,
+                                                    message):
+    run = run_job(cluster, "merge", [work["dir"] / "dist", tmp_path / "merged"], tmp_path,
+                  settings=[(setting, value)])
+    assert run.state == "FAILED" and run.exit_code == 2, run.describe()
+    assert run.err.strip() == message
+    assert not (tmp_path / "merged").exists()

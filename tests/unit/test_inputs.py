@@ -13,6 +13,7 @@ from hpcckpt.errors import FormatError
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.storage.inputs import open_input
 from hpcckpt.formats.safetensors import build_header
+from hpcckpt.storage.manifest import read_manifest
 
 TENSORS = {"a.w": (8, 6), "b/w": (5,), "c": (3, 4)}
 STRATEGY = {"format": "hpcckpt.strategy/1", "mesh": {"tp": 2},
@@ -40,7 +41,7 @@ def corrupt(dist: Path, tmp_path: Path, change) -> tuple[Path, str]:
     import shutil
     out = tmp_path / "bad"
     shutil.copytree(dist, out)
-    doc = json.loads((out / "manifest.json").read_text())
+    doc = read_manifest(out).expanded()   # format 1: every chunk listed, to change
     change(doc)
     (out / "manifest.json").write_text(json.dumps(doc))
     return out, str(out / "manifest.json")
@@ -98,7 +99,7 @@ def test_manifest_header_defects(dist, tmp_path):
     with pytest.raises(FormatError) as e:
         open_input(bad, lazy=True)
     assert str(e.value) == (f"{where}: not an hpcckpt manifest (format 'other/1', expected "
-                            "'hpcckpt.manifest/1')")
+                            "'hpcckpt.manifest/2' or 'hpcckpt.manifest/1')")
     bad2, where2 = corrupt(dist, tmp_path / "2", lambda d: d["tensors"]["c"].pop("shape"))
     with pytest.raises(FormatError) as e:
         open_input(bad2, lazy=True)

@@ -1,0 +1,85 @@
+"""Metadata read once per job (issue 9 item 8): in a shared-filesystem merge, reshard and
+load, rank 0 alone opens manifest.json and strategy.yaml and broadcasts their bytes;
+every rank plans from the same bytes. Holds at any world size (1 process included)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hpcckpt
+from hpcckpt.comm.wrapper import Comm
+from hpcckpt.formats.safetensors import build_header
+from hpcckpt.ops.filecopy import CopyOptions
+from hpcckpt.storage import reader
+
+from helpers import allgather, barrier, collective, rank_size
+
+pytestmark = pytest.mark.mpi
+
+OPTS = CopyOptions(fsync=False, progress=False)
+SHAPES = {"w": (12, 10), "b": (10,), "s": ()}
+
+
+def strategy(mesh: dict, split_w) -> hpcckpt.Strategy:
+    return hpcckpt.strategy_from_dict({
+        "format": "hpcckpt.strategy/1", "mesh": mesh,
+        "tensors": {"w": {"shape": [12, 10], "dtype": "F32", "split": split_w},
+                    "b": {"shape": [10], "dtype": "F32"},
+                    "s": {"shape": [], "dtype": "F32"}}})
+
+
+def full() -> dict[str, np.ndarray]:
+    return {n: np.arange(int(np.prod(s)), dtype=np.float32).reshape(s) * 0.5
+            for n, s in SHAPES.items()}
+
+
+def opened(comm, before: int) -> list[list[str]]:
+    """Per rank, the metadata files this rank read from disk since ``before``."""
+    names = [p.rsplit("/", 1)[-1] for p in reader.OPENED[before:]]
+    return allgather(comm, names)
+
+
+@pytest.mark.timeout(120)
+def test_manifest_and_strategy_opened_once_per_job(comm, shared_tmp):
+    rank, size = rank_size(comm)
+    if rank == 0:
+        head, _ = build_header([(n, "F32", s) for n, s in SHAPES.items()])
+        with open(shared_tmp / "model.safetensors", "wb") as f:
+            f.write(head + b"".join(a.tobytes() for a in full().values()))
+    barrier(comm)
+    src = strategy({"dp": 2, "tp": 2}, ["tp", None])
+    hpcckpt.split(str(shared_tmp / "model.safetensors"), str(shared_tmp / "dist"), src,
+                  comm=comm, options=OPTS)
+    once = [["manifest.json", "strategy.yaml"]] + [[]] * (size - 1)
+
+    n = len(reader.OPENED)
+    hpcckpt.merge(str(shared_tmp / "dist"), str(shared_tmp / "hf"), comm=comm, options=OPTS)
+    got = opened(comm, n)
+    collective(comm, lambda: _equal(got, once, "merge"))
+
+    n = len(reader.OPENED)
+    hpcckpt.reshard(str(shared_tmp / "dist"), str(shared_tmp / "re"),
+                    strategy({"tp": 3}, [None, "tp"]), comm=comm, options=OPTS)
+    got = opened(comm, n)
+    collective(comm, lambda: _equal(got, once, "reshard"))
+
+    n = len(reader.OPENED)
+    mine = hpcckpt.load(str(shared_tmp / "re"), strategy({"dp": size}, None), comm=comm)
+    got = opened(comm, n)
+    collective(comm, lambda: _equal(got, once, "load"))
+    want = full()
+    collective(comm, lambda: [_equal(mine[k].tobytes(), want[k].tobytes(), k) for k in want])
+
+
+def _equal(got, want, what):
+    assert got == want, (what, got, want)
+
+
+@pytest.mark.timeout(60)
+def test_bcast_bytes_in_pieces(comm):
+    rank, _ = rank_size(comm)
+    data = bytes(range(256)) * 41 + b"end"
+    got = Comm(comm).bcast_bytes(data if rank == 0 else None, chunk=1000)
+    collective(comm, lambda: _equal(bytes(got), data, "bcast_bytes"))
+    empty = Comm(comm).bcast_bytes(b"" if rank == 0 else None)
+    collective(comm, lambda: _equal(bytes(empty), b"", "empty"))

@@ -1,0 +1,199 @@
+"""Hostile inputs (issue 8, items 8, 9 and 13): alias bombs, absurd meshes and shapes,
+deeply nested JSON, wrong types, duplicate keys and trailing bytes. Each is refused
+early with one line naming the file, messages asserted word for word; none may run
+out of memory or run for ever (the timeouts below are the test)."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcckpt.errors import FormatError, StrategyError, quote
+from hpcckpt.layout.yaml_io import read_strategy_yaml
+from hpcckpt.storage.inputs import open_input
+from hpcckpt.formats.safetensors import build_header, read_header
+
+HEAD = "format: hpcckpt.strategy/1\n"
+
+
+def strategy_error(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    with pytest.raises(StrategyError) as e:
+        read_strategy_yaml(p)
+    return str(e.value).replace(str(p), "s.yaml")
+
+
+# ---- item 8: alias bombs, absurd meshes and shapes ---------------------------------
+def alias_bomb(levels: int = 40) -> str:
+    """2**levels leaves if expanded (a 'billion laughs' in YAML)."""
+    lines = ["x0: &x0 [1, 1]"]
+    lines += [f"x{i}: &x{i} [*x{i - 1}, *x{i - 1}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(20)
+def test_alias_bomb_as_shape_is_quoted_truncated(tmp_path):
+    text = HEAD + alias_bomb() + "mesh: {tp: 2}\ntensors:\n  w: {shape: *x39, dtype: F32}\n"
+    assert strategy_error(tmp_path, text) == (
+        "s.yaml: tensor 'w': 'shape' must be a list of integers, got "
+        "[[[...], [...]], [[...], [...]]]")
+
+
+@pytest.mark.timeout(20)
+def test_alias_bomb_elsewhere_is_quoted_truncated(tmp_path):
+    text = (HEAD + alias_bomb() + "mesh: {tp: 2}\ntensors:\n"
+            "  w: {shape: [4], dtype: F32, split: [*x39]}\n")
+    assert strategy_error(tmp_path, text) == (
+        "s.yaml: tensor 'w': split[0] must be null, an axis name or a list of axis names, "
+        "got [[[...], [...]], [[...], [...]]]")
+    text = HEAD + alias_bomb() + "mesh: {tp: *x39}\ntensors: {}\n"
+    assert strategy_error(tmp_path, text) == (
+        "s.yaml: mesh axis 'tp' has size [[[...], [...]], [[...], [...]]]; "
+        "sizes must be positive integers")
+
+
+@pytest.mark.timeout(20)
+def test_absurd_mesh_is_refused_before_anything_iterates(tmp_path):
+    text = HEAD + "mesh: {dp: 1000, pp: 1000, tp: 1000}\ntensors:\n  w: {shape: [4], dtype: F32}\n"
+    assert strategy_error(tmp_path, text) == (
+        "s.yaml: mesh {'dp': 1000, 'pp': 1000, 'tp': 1000} has 1000000000 ranks; "
+        "at most 1048576 are supported")
+
+
+@pytest.mark.timeout(20)
+def test_absurd_shapes_are_refused(tmp_path):
+    text = HEAD + "mesh: {tp: 2}\ntensors:\n  w: {shape: [1000000000000, 1000000000000], dtype: F32}\n"
+    assert strategy_error(tmp_path, text) == (
+        "s.yaml: tensor 'w': F32 [1000000000000, 1000000000000] would hold "
+        "4000000000000000000000000 bytes; at most 9223372036854775807 are supported")
+    text = HEAD + "mesh: {tp: 2}\ntensors:\n  w: {shape: [" + ", ".join(["1"] * 65) \
+        + "], dtype: F32}\n"
+    assert strategy_error(tmp_path, text) == (
+        "s.yaml: tensor 'w': shape [1, 1, 1, 1, 1, 1, ...] has 65 dimensions; "
+        "at most 64 are supported")
+
+
+def test_wrong_types_where_names_are_expected(tmp_path):
+    text = HEAD + "mesh: {tp: 2}\ntensors:\n  w: {shape: [4], dtype: [F32]}\n"
+    assert strategy_error(tmp_path, text).startswith(
+        "s.yaml: tensor 'w': unknown dtype ['F32'] (known: BOOL")
+    text = HEAD + "mesh: {tp: 2}\ntensors:\n  w: {shape: [4], dtype: F32, zero: [tp]}\n"
+    assert strategy_error(tmp_path, text) == (
+        "s.yaml: tensor 'w': unknown zero axis ['tp'] (mesh axes: tp)")
+
+
+def test_quote_cuts_long_strings_and_deep_nesting():
+    assert quote("a" * 200) == "'" + "a" * 27 + "..." + "a" * 28 + "'"
+    assert len(quote(list(range(10**6)))) <= 80
+    deep: list = []
+    for _ in range(10**5):
+        deep = [deep]
+    assert quote(deep) == "[[[...]]]"
+
+
+# ---- item 13: duplicate keys, trailing bytes ----------------------------------------
+def test_duplicate_tensor_keys_in_strategy_yaml(tmp_path):
+    text = (HEAD + "mesh: {tp: 2}\ntensors:\n  w: {shape: [4, 4], dtype: F32, split: [tp, null]}\n"
+            "  b: {shape: [4], dtype: F32}\n  w: {shape: [4, 4], dtype: F32}\n")
+    assert strategy_error(tmp_path, text) == "s.yaml: duplicate key 'w' at line 6 (first at line 4)"
+    text = HEAD + "mesh: {tp: 2, tp: 4}\ntensors: {}\n"
+    assert strategy_error(tmp_path, text) == "s.yaml: duplicate key 'tp' at line 2 (first at line 2)"
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    text = (HEAD + "base: &b {shape: [4], dtype: F32}\nmesh: {tp: 2}\n"
+            "tensors:\n  w: {<<: *b, dtype: F16}\n")
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    assert read_strategy_yaml(p).spec("w").dtype == "F16"
+
+
+def raw_file(path: Path, header: bytes, data: bytes) -> Path:
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def test_duplicate_keys_in_a_safetensors_header(tmp_path):
+    h = (b'{"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},'
+         b'"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}')
+    p = raw_file(tmp_path / "d.safetensors", h, b"abcd")
+    with pytest.raises(FormatError) as e:
+        read_header(p)
+    assert str(e.value) == f"{p}: header has the key 'w' twice"
+    h = b'{"__metadata__":{"a":"1","a":"2"},"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}'
+    p = raw_file(tmp_path / "m.safetensors", h, b"ab")
+    with pytest.raises(FormatError) as e:
+        read_header(p)
+    assert str(e.value) == f"{p}: header has the key 'a' twice"
+
+
+def test_trailing_bytes_after_the_data_region(tmp_path):
+    head, _ = build_header([("w", "U8", (4,))])
+    p = tmp_path / "t.safetensors"
+    p.write_bytes(head + b"abcd" + b"junk!")
+    with pytest.raises(FormatError) as e:
+        read_header(p)
+    assert str(e.value) == (f"{p}: 5 byte(s) after the last tensor's data (the data region "
+                            "is 9 bytes, its tensors end at 4)")
+    empty, _ = build_header([])
+    p.write_bytes(empty + b"x")
+    with pytest.raises(FormatError) as e:
+        read_header(p)
+    assert str(e.value) == (f"{p}: 1 byte(s) after the last tensor's data (the data region "
+                            "is 1 bytes, its tensors end at 0)")
+    p.write_bytes(head + b"abcd")
+    assert read_header(p).tensors["w"].nbytes == 4
+
+
+# ---- item 9: deep nesting and wrong types in header, index, manifest ----------------
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.timeout(20)
+def test_deeply_nested_header(tmp_path):
+    p = raw_file(tmp_path / "n.safetensors", b'{"w":' + DEEP + b"}", b"")
+    with pytest.raises(FormatError) as e:
+        read_header(p)
+    assert str(e.value) == f"{p}: header is nested too deeply to be valid"
+
+
+def hf_dir(tmp_path: Path, index: bytes) -> Path:
+    d = tmp_path / "hf"
+    d.mkdir()
+    head, _ = build_header([("w", "F32", (2,))])
+    (d / "model-00001-of-00001.safetensors").write_bytes(head + np.zeros(2, np.float32).tobytes())
+    (d / "model.safetensors.index.json").write_bytes(index)
+    return d
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("index,message", [
+    (b'{"weight_map": ' + DEEP + b"}", "is nested too deeply to be valid"),
+    (b'{"weight_map": {"w": 5}}', "tensor 'w' is mapped to 5, not a file name"),
+    (b'{"weight_map": {"w": ["a", "b"]}}', "tensor 'w' is mapped to ['a', 'b'], not a file name"),
+    (b'{"weight_map": ["w"]}',
+     "'weight_map' must be an object mapping tensor names to file names, got ['w']"),
+    (b'[1, 2]', "expected an object with 'weight_map', got [1, 2]"),
+    (b'{"weight_map": {"w": "model-00001-of-00001.safetensors", '
+     b'"w": "model-00001-of-00001.safetensors"}}', "has the key 'w' twice"),
+])
+def test_bad_hf_index(tmp_path, index, message):
+    d = hf_dir(tmp_path, index)
+    with pytest.raises(FormatError) as e:
+        open_input(d)
+    assert str(e.value) == f"{d / 'model.safetensors.index.json'}: {message}"
+
+
+def test_bad_ms_name_map(tmp_path):
+    d = tmp_path / "ms"
+    d.mkdir()
+    (d / "param_name_map.json").write_text(json.dumps({"w": {"file": "part0.safetensors"}}))
+    with pytest.raises(FormatError) as e:
+        open_input(d)
+    assert str(e.value) == (f"{d / 'param_name_map.json'}: tensor 'w' is mapped to "
+                            "{'file': 'part0.safetensors'}, not a file name")
