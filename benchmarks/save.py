@@ -38,6 +38,8 @@ from run import (MiB, RSS_WRAP, BenchError, find_mpiexec, prefault, remove,  # n
 
 import yaml  # noqa: E402
 
+from hpcckpt.storage.inputs import open_input  # noqa: E402
+
 MESHES = {"dp2tp2": {"dp": 2, "tp": 2}, "pp2dp2tp2": {"pp": 2, "dp": 2, "tp": 2}}
 N_TENSORS, SHAPE = 16, (4096, 4096)
 TARGET_SYNC, TARGET_STALL, TARGET_BALANCE, RSS_SLACK_MIB = 1.25, 0.15, 1.05, 100
@@ -84,13 +86,13 @@ def run_save(root: Path, mpiexec: str, ranks: int, strategy: Path, extra: list[s
     prefault(prefault_bytes)
     settle_disk(root)
     wall, summary, rss = run_tool(cmd, rss_dir, "save", ranks)
-    rec = sorted((out / "commits").iterdir())[-1]
-    doc = json.loads(rec.read_text())
     per_file: dict[str, int] = {}
-    for name, t in doc["tensors"].items():
-        for c in t["chunks"]:
-            per_file[c["file"]] = per_file.get(c["file"], 0) + math.prod(c["sizes"]) * 4
-    stored = [per_file.get(f, 0) for f in doc["files"]]
+    with open_input(out) as src:   # the latest committed step, as every reader sees it
+        for name, t in src.source.tensors.items():
+            for c in src.source.chunks(name):
+                for f in c.files:
+                    per_file[f] = per_file.get(f, 0) + c.box.volume * t.itemsize
+        stored = [per_file.get(f, 0) for f in src.files]
     remove(out)
     return {"wall": wall, "summary": summary, "rss_mib": rss, "command": shlex.join(cmd),
             "balance": max(stored) * len(stored) / sum(stored), "bytes_per_save": sum(stored)}

@@ -16,6 +16,7 @@ import pytest
 import hpcckpt
 from hpcckpt.ops import commit as commit_mod
 from hpcckpt.ops.save import CheckpointManager
+from hpcckpt.storage.inputs import open_input
 
 from helpers import allgather, assert_bytes_equal, barrier, collective, rank_size
 from test_exchange_mpi import FULL, TENSORS, check_state, local_state, strategy
@@ -83,8 +84,9 @@ def test_save_rotate_restore(comm, shared_tmp, dedup, async_save):
     assert recs == ["000002-1_2.json", "000003-1_3.json"]
     doc = json.loads((d / "commits" / recs[-1]).read_text())
     assert doc["redundancy"] == ("dedup" if dedup else "full")
-    stored = sum(np.prod(c["sizes"], dtype=np.int64) * FULL[n].dtype.itemsize
-                 for n, t in doc["tensors"].items() for c in t["chunks"])
+    with open_input(d) as src:
+        stored = sum(c.box.volume * t.itemsize * len(c.files)
+                     for n, t in src.source.tensors.items() for c in src.source.chunks(n))
     if dedup:
         assert stored == sum(a.nbytes for a in FULL.values())   # each byte once
     assert sorted(os.listdir(d / f"rank_{rank}")) == [
