@@ -160,3 +160,28 @@ def test_sigterm_saves_the_step_and_exits_75(tmp_path, s2):
     (rec,) = tdir.list_records(d)
     assert 0 < rec.step < 100000
     check_step(d, rec.step)
+
+
+def test_save_from_weights(tmp_path, s2):
+    """--from: the weights loaded under the strategy are what is saved (each step changes
+    every tensor's first byte)."""
+    from safetensors.numpy import save_file
+    from helpers import make_tensors
+    full = make_tensors({n: (t["shape"], t["dtype"]) for n, t in TENSORS.items()
+                         if t["dtype"] not in ("BF16", "F8_E4M3")}, seed=7)
+    s = {n: t for n, t in TENSORS.items() if n in full}
+    sp = tmp_path / "s.yaml"
+    sp.write_text(yaml.safe_dump({"format": FMT, "mesh": {"tp": 2}, "tensors": s},
+                                 sort_keys=False))
+    save_file(full, str(tmp_path / "model.safetensors"))
+    d = tmp_path / "checkpoint"
+    ok(cli(["save", d, "--strategy", sp, "--from", tmp_path / "model.safetensors",
+            "--steps", "3", "--dedup", "whole"], n=2))
+    one = hpcckpt.strategy_from_dict({"format": FMT, "mesh": {"dp": 1}, "tensors": {
+        n: {k: v for k, v in t.items() if k != "split"} for n, t in s.items()}})
+    got = hpcckpt.load(str(d), one, None)
+    for name, a in full.items():
+        want = a.copy()
+        if want.size:
+            want.reshape(-1).view(np.uint8)[0] = 3
+        assert_bytes_equal(got[name], want, name)
