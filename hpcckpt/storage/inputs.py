@@ -255,13 +255,37 @@ class RankFilesReader(SafetensorsReader):
             latest = max(cands, key=lambda p: (p.stat().st_mtime, p.name))
             files[r] = f"{rank_dir_name(r)}/{latest.name}"
             reader.header(files[r])
-        source = strategy_source(strategy, files.__getitem__,
-                                 holds=lambda r, name: name in reader.header(files[r]).tensors)
+        if any(reader.header(f).metadata.get("dedup") == "balanced" for f in files.values()):
+            source = _described_source(reader, strategy, files.values())
+        else:
+            source = strategy_source(strategy, files.__getitem__,
+                                     holds=lambda r, name: name in reader.header(files[r]).tensors)
         source.check_complete(str(path))
         source.redundancy = "dedup" if any(reader.header(f).metadata.get("remove_redundancy")
                                            == "True" for f in files.values()) else "full"
         reader.source, reader.files = source, tuple(files.values())
         return reader
+
+
+def _described_source(reader: SafetensorsReader, strategy: Strategy,
+                      files) -> SourceIndex:
+    """Balanced de-duplication stores slabs of the strategy's boxes: each rank file's
+    ``hpcckpt`` metadata gives the global offsets of what it stores (shapes from its
+    header), which ``check_complete`` then checks tile every tensor."""
+    entries = []
+    for f in files:
+        h = reader.header(f)
+        try:
+            desc = json.loads(h.metadata["hpcckpt"])
+            offsets = {name: tuple(int(x) for x in desc[name]["offsets"]) for name in h.tensors}
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{h.path}: a balanced de-duplicated file needs its 'hpcckpt' "
+                              f"metadata (each tensor's offsets): {type(e).__name__}: {e}") from None
+        for name, e in h.tensors.items():
+            entries.append((name, Box(offsets[name], tuple(e.shape)), f, None))
+    tensors = [TensorInfo(t.name, t.shape, t.dtype) for t in strategy.tensors]
+    chunks = group_chunks(entries)
+    return SourceIndex(tensors, lambda name: chunks.get(name, []))
 
 
 class HFIndexReader(SafetensorsReader):

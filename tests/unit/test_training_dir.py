@@ -173,3 +173,31 @@ def test_synthetic_slices_agree_with_the_whole():
     got = synthetic_slice("t", "BF16", shape, box, 9)
     assert got.tobytes() == full[100:250, 2:5].tobytes()
     assert full.view(np.uint8).reshape(-1)[0] == 9
+
+
+def test_balanced_dedup_read_without_manifest(tmp_path):
+    """A balanced de-duplicated checkpoint stores slabs; read without its manifest (as a
+    MindSpore-style directory, given the strategy) the files' own metadata place them."""
+    from safetensors.numpy import save_file
+    tensors = {"w": {"shape": [1 << 20, 1], "dtype": "F32"},     # 4 MiB: divided in two
+               "b": {"shape": [], "dtype": "I64"}, "h": {"shape": [5], "dtype": "F16"}}
+    s2 = strategy_from_dict({"format": FMT, "mesh": {"dp": 2}, "tensors": {
+        **tensors, "h": {**tensors["h"], "split": ["dp"]}}}, where="s2.yaml")
+    one = strategy_from_dict({"format": FMT, "mesh": {"dp": 1}, "tensors": tensors})
+    full = synthetic_state(one, 0, 3)
+    save_file(full, str(tmp_path / "m.safetensors"))
+    hpcckpt.split(str(tmp_path / "m.safetensors"), str(tmp_path / "d"), s2, dedup="balanced")
+    (tmp_path / "d" / "manifest.json").unlink()
+    slabs = [json.loads(safe_metadata(tmp_path / "d" / f"rank_{r}" / f"model_rank_{r}.safetensors")
+                        ["hpcckpt"])["w"]["offsets"] for r in range(2)]
+    # rank 0 also stores the scalar and the larger half of h: rank 1 gets 5 bytes more of w
+    assert slabs == [[0, 0], [(1 << 19) + 1, 0]]
+    got = hpcckpt.load(str(tmp_path / "d"), one, None, src_strategy=s2)
+    for name in tensors:
+        assert got[name].tobytes() == full[name].tobytes(), name
+
+
+def safe_metadata(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="np") as f:
+        return f.metadata()
