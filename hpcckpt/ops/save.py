@@ -331,6 +331,8 @@ class CheckpointManager:
         self._io = comm
         if self.async_save:
             self._io = _duplicate(comm)
+            # allocated (and its pages touched) now, not in the first save() it would stall
+            self._staging = bytearray(sum(t.layout.data_bytes for t in self._trees))
 
     # ---- public API ----------------------------------------------------------------
     def save(self, local_state: Mapping[str, Any], epoch: int, step: int,
