@@ -477,10 +477,14 @@ class CheckpointManager:
                 out.append(_Segment(j, dst))
             elif e.box == box:
                 out.append(_Segment(j, view))
-            else:
-                buf = bytearray(e.nbytes)
-                _copy_box(view, box, e.box, t.itemsize, memoryview(buf))
-                out.append(_Segment(j, memoryview(buf)))
+            else:   # a slab (balanced de-duplication): contiguous in the slice, no copy
+                sr = strided_runs(e.box, box, e.box, t.itemsize)
+                if not sr.counts:
+                    out.append(_Segment(j, view[sr.src_start:sr.src_start + sr.length]))
+                else:
+                    buf = bytearray(e.nbytes)
+                    copy_runs(sr, view, 0, buf, 0)
+                    out.append(_Segment(j, memoryview(buf)))
         return out
 
     def _run(self, segments, epoch, step, extra, t0, stall) -> None:
