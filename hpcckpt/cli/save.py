@@ -7,7 +7,7 @@ import statistics
 
 from ..layout.loader import load_strategy
 from ..units import format_bytes
-from .common import add_dedup_option, examples
+from .common import add_dedup_option, add_output_options, examples
 
 HELP = "training-style saves (a CheckpointManager) of real or synthetic state under a strategy"
 EXAMPLES = examples("""
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--keep-max", type=int, default=5, metavar="K",
                    help="committed steps kept (default 5; 0 keeps all)")
     p.add_argument("--prefix", default="CKP", help="file name prefix (default CKP)")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    add_output_options(p)
     p.add_argument("--no-fsync", action="store_true",
                    help="skip fsync before commit (faster, not crash-safe)")
     p.set_defaults(run=run)
@@ -53,6 +53,9 @@ def run(args, comm):
     from ..ops.save import save_job  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy)
+    if args.dry_run:
+        from ..ops.save import save_plan
+        return save_plan(args.out, strategy, comm, dedup=args.dedup or False, prefix=args.prefix)
     result = save_job(args.out, strategy, comm, source=args.source, steps=args.steps,
                       save_steps=args.save_steps, compute_seconds=args.compute_seconds,
                       dedup=args.dedup or False, async_save=args.async_save,

@@ -675,3 +675,20 @@ def save_job(out: str, strategy: Strategy, comm=None, *, source: str | None = No
     return OpResult.from_rows("save", out, files, rows,
                               comm.allreduce_max(time.perf_counter() - t0), comm.size,
                               extra=extra)
+
+
+def save_plan(out: str, strategy: Strategy, comm=None, *, dedup: bool | str = False,
+              prefix: str = "CKP") -> "OpResult":
+    """``hpcckpt save --dry-run``: the bytes each rank would write per save; nothing written."""
+    from .result import OpResult
+    comm = as_comm(comm)
+    if strategy.world_size != comm.size:
+        raise UsageError(f"strategy has {strategy.world_size} ranks but the job has "
+                         f"{comm.size}; launch with mpiexec -n {strategy.world_size}")
+    mode = dedup_mode(dedup)
+    with comm.step("plan"):
+        f = rank_file(strategy, prefix, comm.rank, plan_dedup(strategy, mode) if mode else None,
+                      path="")
+    rows = comm.allgather({"rank": comm.rank, "bytes_read": 0, "bytes_written": f.data_bytes})
+    return OpResult.from_rows("save", out, strategy.world_size, rows, 0.0, comm.size,
+                              dry_run=True, extra={"dedup": mode or False})
