@@ -80,6 +80,33 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
                        help="skip fsync before commit (faster, not crash-safe)")
 
 
+def add_dedup_option(p: argparse.ArgumentParser) -> None:
+    """``--dedup [balanced|whole]``: each distinct box stored once (planning/dedup.py)."""
+    p.add_argument("--dedup", nargs="?", const="balanced", default=None,
+                   choices=("balanced", "whole"), metavar="MODE",
+                   help="store each distinct box once: 'balanced' (default; large replicated "
+                   "boxes divided among their replicas, bytes per rank even) or 'whole' "
+                   "(whole boxes, as MindSpore's loader reads)")
+
+
+def add_step_option(p: argparse.ArgumentParser) -> None:
+    """``--step EPOCH_STEP``: which committed step of a training directory to read."""
+    p.add_argument("--step", metavar="EPOCH_STEP", default=None,
+                   help="a training directory's committed step, e.g. 1_200 (default: the "
+                   "latest committed)")
+
+
+def at_step(comm, path: str, step: str | None) -> str:
+    """The path to open for ``--step`` (the step's commit record), else ``path``; rank 0
+    looks it up and tells the others."""
+    if step is None:
+        return path
+    from ..storage.training import step_path
+    with comm.step("find step"):
+        found = step_path(path, step) if comm.rank == 0 else None
+    return comm.bcast(found)
+
+
 def add_exchange_options(p: argparse.ArgumentParser, budget: int = DEFAULT_BUDGET) -> None:
     """Options of commands whose bytes travel between ranks over MPI."""
     g = p.add_argument_group("exchange options")

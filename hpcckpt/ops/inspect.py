@@ -12,6 +12,7 @@ from ..formats.names import HF_INDEX, MANIFEST, MODEL_FILES_DIR, MS_NAME_MAP, ST
 from ..formats.safetensors import read_header
 from ..storage import model_files
 from ..storage.inputs import open_input
+from ..storage.training import is_record_path
 
 
 MAX_PROBLEMS = 20   #: listed in the report (``problems_total`` counts all)
@@ -67,7 +68,7 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
     p = Path(path)
     if p.is_file() and p.name in (HF_INDEX, MS_NAME_MAP, MANIFEST):
         p = p.parent   # the file that names a checkpoint's files stands for its directory
-    if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json"):
+    if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json") and not is_record_path(p):
         return describe_strategy(load_strategy(p))
     problems = []
     try:

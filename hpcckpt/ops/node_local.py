@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..formats.names import DEFAULT_PREFIX, MANIFEST, rank_dir_name
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..planning.assign import dedup_assignment
+from ..planning.dedup import plan_dedup
 from ..planning.outputs import rank_file, rank_files
 from ..planning.route_plans import plan_node_local, plan_summary
 from ..planning.routes import Route
@@ -64,7 +64,8 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
             for d in dirs:
                 dir_holders.setdefault(d, []).append(j)
     with comm.step("plan routes"):
-        assignment = dedup_assignment(strategy) if dedup else None
+        # node-local stores whole boxes: its routes deliver whole destination boxes
+        assignment = plan_dedup(strategy, "whole") if dedup else None
         owner = lambda d: d % comm.size  # noqa: E731 - as in plan_node_local
         # file d by its number; a rank lays out only its own files, except rank 0 which
         # builds the manifest (it lists every file) once for every node's copy
@@ -77,7 +78,8 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
 
         mine = [(e.name, e.box) for _, f in my_files for e in f.entries]
         plan = plan_node_local(inp.source, strategy, comm.rank, comm.size, dir_holders,
-                               _stored_in(inp, local_dirs), mine, assignment)
+                               _stored_in(inp, local_dirs), mine,
+                               assignment.owners() if assignment else None)
     if options.dry_run:
         summary = {**plan_summary(plan, comm.size, sends_read_disk=True, local_dirs=local_dirs),
                    "bytes_written": sum(f.data_bytes for _, f in my_files),
