@@ -24,6 +24,7 @@ communicator, so its collectives never meet the training job's.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -34,13 +35,13 @@ from typing import Any, Callable, Iterable, Mapping
 import xxhash
 
 from ..comm.wrapper import Comm, as_comm
-from ..errors import FormatError, UsageError
-from ..formats.names import STRATEGY_FILE, rank_dir_name
+from ..errors import FormatError, RankFailure, UsageError
+from ..formats.names import HF_INDEX, STRATEGY_FILE, rank_dir_name
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
 from ..planning.dedup import DedupPlan, dedup_mode, plan_dedup
-from ..planning.outputs import OutputFile, rank_file
+from ..planning.outputs import OutputFile, hf_files, hf_index, rank_file
 from ..planning.runs import strided_runs
 from ..storage import training as tdir
 from ..storage.atomic import atomic_write_bytes, json_bytes
@@ -204,6 +205,77 @@ class _Records(list):
         return super().__iter__()
 
 
+INTEGRATED = "integrated"   #: complete weights of each step: integrated/<prefix>-<epoch>_<step>/
+
+
+def integrated_name(prefix: str, suffix: int, epoch: int, step: int) -> str:
+    """``integrated/{prefix}[_{suffix}]-{epoch}_{step}``: a step's complete weights,
+    relative to the training directory."""
+    return f"{INTEGRATED}/{prefix}{f'_{suffix}' if suffix else ''}-{epoch}_{step}"
+
+
+class _Integrated:
+    """A step's complete weights (HF shards + index, as ``merge`` writes them), written
+    by every rank from its own slices: the balanced de-duplication plan chooses the one
+    replica that writes each box or slab, and each rank writes its share with strided
+    positioned writes into shards created by their owner ranks (file i by rank i mod
+    size). Nothing is gathered. Written before the main tree's commit record, so a
+    step is committed only with its complete weights; a directory no record names
+    (uncommitted, or rotated out) is removed (``clean``)."""
+
+    def __init__(self, main: _Tree, rank: int, max_shard_size: int):
+        self.main = main
+        self.strategy = main.strategy
+        # which replica writes each element: one writer per box or slab
+        self.layout = rank_file(main.strategy, main.prefix, rank,
+                                plan_dedup(main.strategy, "balanced"), path="")
+        self.files = hf_files([t.info for t in main.strategy.tensors], max_shard_size)
+        self.where = {e.name: (i, j) for i, f in enumerate(self.files)
+                      for j, e in enumerate(f.entries)}
+
+    def committed(self, epoch: int, step: int) -> bool:
+        return self.main.committed(epoch, step)
+
+    def path_of(self, epoch: int, step: int) -> str:
+        return os.path.join(self.main.directory,
+                            integrated_name(self.main.prefix, self.main.suffix, epoch, step))
+
+    def write_step(self, comm: Comm, segments: list[_Segment], epoch: int, step: int,
+                   keep_max: int, extra: dict | None, fsync: bool) -> dict:  # noqa: ARG002
+        t0 = time.perf_counter()
+        opts = WriteOptions(fsync=fsync, progress=False)
+        with OutputCommit(comm, self.path_of(epoch, step), self.files, options=opts,
+                          op="hpcckpt save (integrated)", checksums=False) as job:
+            job.create(range(comm.rank, len(self.files), comm.size))
+            with comm.step("write integrated"):
+                for sg in segments:
+                    e = self.layout.entries[sg.index]
+                    i, j = self.where[e.name]
+                    runs = strided_runs(e.box, e.box, Box.full(e.global_shape), e.itemsize)
+                    job.write_runs(i, j, runs, sg.data)
+                _fault("integrated", comm.rank, step)
+            index = ([(HF_INDEX, json_bytes(hf_index(self.files)))] if len(self.files) > 1
+                     else [])
+            job.commit(lambda sums: index, marker_first=True)
+        return {"rank": comm.rank, "bytes_written": self.layout.data_bytes,
+                "write_seconds": time.perf_counter() - t0}
+
+    def clean(self, comm: Comm, fsync: bool) -> None:
+        """Rank 0 removes every ``integrated/`` directory no committed record names."""
+        with comm.step("clean integrated"):
+            if comm.rank == 0:
+                root = Path(self.main.directory) / INTEGRATED
+                keep = {integrated_name(r.prefix, r.suffix, r.epoch, r.step).split("/", 1)[1]
+                        for r in self.main.records}
+                gone = [p for p in (sorted(root.iterdir()) if root.is_dir() else [])
+                        if p.name not in keep]
+                for p in gone:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                if gone and fsync:
+                    from ..storage.atomic import fsync_dir
+                    fsync_dir(root)
+
+
 def _adopt_strategy(root: Path, strategy: Strategy, fsync: bool) -> str:
     """The strategy file of this run: ``strategy.yaml``, or ``strategy-<hash>.yaml`` when
     an earlier run in the directory wrote a different layout there."""
@@ -270,7 +342,11 @@ class CheckpointManager:
         network_only: also write the model parameters alone into
             ``directory/../checkpoint_network``: a predicate ``name -> bool`` or name
             prefixes to keep.
-        integrated: not implemented yet (complete HF weights); True is refused.
+        integrated: also write each saved step's complete weights (HF shards + index)
+            into ``directory/integrated/{prefix}-{epoch}_{step}/``, every rank writing
+            its de-duplicated share of its own slices in place; part of the step's
+            commit and rotated with it.
+        max_shard_size: data bytes per shard of the integrated weights (default 5 GB).
         fsync: make every step durable before committing it (default True).
 
     Example:
@@ -286,7 +362,8 @@ class CheckpointManager:
                  prefix: str = "CKP", keep_max: int | None = 5, save_steps: int = 1,
                  dedup: bool | str = False, async_save: bool = False,
                  network_only: Callable[[str], bool] | Iterable[str] | None = None,
-                 integrated: bool = False, fsync: bool = True):
+                 integrated: bool = False, max_shard_size: int = 5_000_000_000,
+                 fsync: bool = True):
         self.comm = as_comm(comm)
         self.directory = str(directory)
         self.strategy = strategy
@@ -308,9 +385,6 @@ class CheckpointManager:
                              f"{comm.size}; launch with mpiexec -n {strategy.world_size}")
         if self.save_steps < 1:
             raise UsageError(f"save_steps must be at least 1, not {save_steps}")
-        if integrated:
-            raise UsageError("integrated=True (complete weights written during training) "
-                             "is not implemented yet; save distributed and run hpcckpt merge")
         if not prefix or "/" in prefix or prefix != prefix.strip():
             raise UsageError(f"prefix {prefix!r}: must be a non-empty file name part")
         mode = dedup_mode(dedup)
@@ -325,9 +399,15 @@ class CheckpointManager:
                                        "checkpoint_network")
                 self._network = _Tree(net_dir, sub, prefix,
                                       plan_dedup(sub, mode) if mode else None, comm.rank)
-        self._trees = [t for t in (self._main, self._network) if t is not None]
-        for tree in self._trees:
-            tree.open(comm, fsync)
+            self._integrated = (_Integrated(self._main, comm.rank, max_shard_size)
+                                if integrated else None)
+        self._trees = [t for t in (self._main, self._network, self._integrated)
+                       if t is not None]
+        for tree in (self._main, self._network):
+            if tree is not None:
+                tree.open(comm, fsync)
+        if self._integrated is not None:
+            self._integrated.clean(comm, fsync)
         self._io = comm
         if self.async_save:
             self._io = _duplicate(comm)
@@ -490,9 +570,22 @@ class CheckpointManager:
     def _run(self, segments, epoch, step, extra, t0, stall) -> None:
         """Steps 2-6 for every tree, on the I/O communicator; failures are kept for
         ``wait``/``save``/``close`` (identical on every rank: they come from steps)."""
+        # the integrated weights first: the main tree's record then commits them too
+        order = sorted(zip(self._trees, segments), key=lambda p: p[0] is not self._integrated)
         try:
-            rows = [tree.write_step(self._io, segs, epoch, step, self.keep_max, extra, self.fsync)
-                    for tree, segs in zip(self._trees, segments)]
+            try:
+                rows = [tree.write_step(self._io, segs, epoch, step, self.keep_max, extra,
+                                        self.fsync) for tree, segs in order]
+            except RankFailure:   # every rank is here: remove complete but uncommitted weights
+                if self._integrated is not None:
+                    self._integrated.clean(self._io, self.fsync)
+                raise
+            except BaseException:
+                if self._integrated is not None and self._io.mpi is None:
+                    self._integrated.clean(self._io, self.fsync)
+                raise
+            if self._integrated is not None:   # the steps rotation un-committed
+                self._integrated.clean(self._io, self.fsync)
             self.stats.append({"epoch": epoch, "step": step, "stall_seconds": stall,
                                "seconds": time.perf_counter() - t0,
                                "bytes_written": sum(r["bytes_written"] for r in rows),
