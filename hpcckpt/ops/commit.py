@@ -206,9 +206,11 @@ class OutputCommit:
         pwrite_all(fd, data, e.begin + offset, path)
         self._written(fd, e.begin + offset, len(data))
 
-    def write_runs(self, index: int, entry: int, runs: StridedRuns, data, base: int = 0) -> None:
+    def write_runs(self, index: int, entry: int, runs: StridedRuns, data, base: int = 0,
+                   exclusive: bool = True) -> None:
         """Push strided bytes: ``runs`` (destination offsets relative to the entry's first
-        byte) from ``data`` at ``base``, as ``chunkio.write_runs_to_file``."""
+        byte) from ``data`` at ``base``, as ``chunkio.write_runs_to_file`` (``exclusive``:
+        no other rank writes between these runs)."""
         e = self.files[index].entries[entry]
         lo, hi = runs.dst_span()
         if hi - lo == runs.nbytes:    # dense: the runs in order are the entry's bytes
@@ -220,7 +222,7 @@ class OutputCommit:
         else:
             self._spoil((index, entry))
         fd, path = self._fd(index)
-        write_runs_to_file(fd, path, e.begin, runs, data, base)
+        write_runs_to_file(fd, path, e.begin, runs, data, base, exclusive=exclusive)
         self._written(fd, e.begin + lo, hi - lo)
 
     def add_checksum(self, index: int, entry: int, checksum: str) -> None:

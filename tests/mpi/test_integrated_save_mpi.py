@@ -121,7 +121,7 @@ def test_integrated_failure_on_one_rank(comm, shared_tmp, monkeypatch, async_sav
     shard = mgr._integrated.files[firsts[bad]].path
     real = commit_mod.write_runs_to_file
 
-    def full_disk(fd, path, begin, runs, data, base=0):
+    def full_disk(fd, path, begin, runs, data, base=0, exclusive=True):
         raise CheckpointIOError(f"{path}: write failed: {os.strerror(errno.ENOSPC)}")
     if rank == bad:
         monkeypatch.setattr(commit_mod, "write_runs_to_file", full_disk)
