@@ -160,10 +160,14 @@ def test_manager_refuses_bad_state(tmp_path):
     with pytest.raises(UsageError) as e:
         m.save(good, 1, 2)
     assert str(e.value) == "CheckpointManager is closed"
-    with pytest.raises(UsageError) as e:
-        CheckpointManager(tmp_path / "d", s, None, integrated=True)
-    assert str(e.value) == ("integrated=True (complete weights written during training) is not "
-                            "implemented yet; save distributed and run hpcckpt merge")
+    # one process: the integrated weights are the rank's own tensors, as merge writes them
+    with CheckpointManager(tmp_path / "d", s, None, integrated=True) as mi:
+        assert mi.save({**good, "h": bytes(10)}, 1, 1)
+    out = tmp_path / "d" / "integrated" / "CKP-1_1"
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    hpcckpt.merge(str(tmp_path / "d"), str(tmp_path / "merged"))
+    assert (out / "model.safetensors").read_bytes() == \
+        (tmp_path / "merged" / "model.safetensors").read_bytes()
 
 
 def test_synthetic_slices_agree_with_the_whole():
