@@ -386,6 +386,9 @@ class CheckpointManager:
                              f"{comm.size}; launch with mpiexec -n {strategy.world_size}")
         if self.save_steps < 1:
             raise UsageError(f"save_steps must be at least 1, not {save_steps}")
+        if integrated and (not isinstance(max_shard_size, int) or max_shard_size < 1):
+            raise UsageError(f"max_shard_size must be a positive number of bytes, "
+                             f"not {max_shard_size!r}")
         if not prefix or "/" in prefix or prefix != prefix.strip():
             raise UsageError(f"prefix {prefix!r}: must be a non-empty file name part")
         mode = dedup_mode(dedup)

@@ -160,6 +160,9 @@ def test_manager_refuses_bad_state(tmp_path):
     with pytest.raises(UsageError) as e:
         m.save(good, 1, 2)
     assert str(e.value) == "CheckpointManager is closed"
+    with pytest.raises(UsageError) as e:
+        CheckpointManager(tmp_path / "d", s, None, integrated=True, max_shard_size=0)
+    assert str(e.value) == "max_shard_size must be a positive number of bytes, not 0"
     # one process: the integrated weights are the rank's own tensors, as merge writes them
     with CheckpointManager(tmp_path / "d", s, None, integrated=True) as mi:
         assert mi.save({**good, "h": bytes(10)}, 1, 1)
