@@ -475,6 +475,30 @@ def _box_text(x: Expect) -> str | None:
     return str(x.box) if x.box is not None else None
 
 
+def check_manifest_files(root: str, m: ManifestIndex, rank: int = 0,
+                         exclusive: bool = True) -> list[Problem]:
+    """Step 2 for every file of a manifest in one process (``hpcckpt inspect``): each
+    file's existence, size and header against what the manifest records.
+
+    Args:
+        root: the checkpoint directory.
+        m: its manifest, bound to its strategy when it needs one.
+        rank: the rank named in the problems.
+        exclusive: also report header tensors the manifest does not list there.
+    Returns:
+        The problems, file by file in manifest order.
+    Example:
+        >>> check_manifest_files("dist", read_manifest("dist"))
+        []
+    """
+    expect = _manifest_expect(m, set(m.files), checksums=False)
+    sizes = m.file_sizes or {}
+    out: list[Problem] = []
+    for f in dict.fromkeys(m.files):
+        out += check_file(root, f, rank, expect.get(f), sizes.get(f), exclusive)[0]
+    return out
+
+
 def _check_header(h, rel: str, rank: int, expect: list[Expect], exclusive: bool) -> list[Problem]:
     out = []
     meta = None
