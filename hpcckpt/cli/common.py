@@ -63,6 +63,13 @@ def add_output_options(p: argparse.ArgumentParser, reads_only: bool = False):
     return g
 
 
+def add_max_extra_size(p: argparse.ArgumentParser) -> None:
+    """``--max-extra-size``: the largest non-weight model file (config, tokenizer, ...)
+    carried with the weights (``storage.model_files``)."""
+    p.add_argument("--max-extra-size", type=size_type(), default=64 << 20, metavar="SIZE",
+                   help="largest non-weight model file carried along (default 64MiB)")
+
+
 def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
     g = add_output_options(p)
     g.add_argument("--buffer-size", type=size_type(), default=DEFAULT_BUFFER, metavar="SIZE",
@@ -73,13 +80,40 @@ def add_run_options(p: argparse.ArgumentParser, writes: bool = True) -> None:
                        help="skip fsync before commit (faster, not crash-safe)")
 
 
-def add_exchange_options(p: argparse.ArgumentParser) -> None:
+def add_dedup_option(p: argparse.ArgumentParser) -> None:
+    """``--dedup [balanced|whole]``: each distinct box stored once (planning/dedup.py)."""
+    p.add_argument("--dedup", nargs="?", const="balanced", default=None,
+                   choices=("balanced", "whole"), metavar="MODE",
+                   help="store each distinct box once: 'balanced' (default; large replicated "
+                   "boxes divided among their replicas, bytes per rank even) or 'whole' "
+                   "(whole boxes, as MindSpore's loader reads)")
+
+
+def add_step_option(p: argparse.ArgumentParser) -> None:
+    """``--step EPOCH_STEP``: which committed step of a training directory to read."""
+    p.add_argument("--step", metavar="EPOCH_STEP", default=None,
+                   help="a training directory's committed step, e.g. 1_200 (default: the "
+                   "latest committed)")
+
+
+def at_step(comm, path: str, step: str | None) -> str:
+    """The path to open for ``--step`` (the step's commit record), else ``path``; rank 0
+    looks it up and tells the others."""
+    if step is None:
+        return path
+    from ..storage.training import step_path
+    with comm.step("find step"):
+        found = step_path(path, step) if comm.rank == 0 else None
+    return comm.bcast(found)
+
+
+def add_exchange_options(p: argparse.ArgumentParser, budget: int = DEFAULT_BUDGET) -> None:
     """Options of commands whose bytes travel between ranks over MPI."""
     g = p.add_argument_group("exchange options")
-    g.add_argument("--exchange-budget", default=DEFAULT_BUDGET, metavar="SIZE",
+    g.add_argument("--exchange-budget", default=budget, metavar="SIZE",
                    type=size_type(MIN_EXCHANGE_BUDGET, "smaller budgets make many tiny rounds"),
                    help="send + receive buffers per rank per exchange round "
-                   f"(default {format_bytes(DEFAULT_BUDGET)}, at least "
+                   f"(default {format_bytes(budget)}, at least "
                    f"{format_bytes(MIN_EXCHANGE_BUDGET)})")
     g.add_argument("--max-message", default=DEFAULT_MAX_MESSAGE, metavar="SIZE",
                    type=size_type(MIN_MAX_MESSAGE, "smaller messages make many tiny MPI calls"),

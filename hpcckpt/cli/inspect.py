@@ -6,7 +6,7 @@ import json
 
 from ..layout.loader import load_strategy
 from ..units import format_bytes
-from .common import add_output_options, examples
+from .common import add_output_options, add_step_option, at_step, examples
 
 HELP = "describe a checkpoint (any kind) or a strategy"
 EXAMPLES = examples("""
@@ -21,6 +21,7 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path")
     p.add_argument("--strategy", help="strategy for a distributed checkpoint without manifest")
+    add_step_option(p)
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     add_output_options(p, reads_only=True)
     p.set_defaults(run=run)
@@ -28,9 +29,10 @@ def register(sub) -> None:
 
 def run(args, comm):
     from ..ops.inspect import describe_path  # on use: start-up is every rank's wall time
+    path = at_step(comm, args.path, args.step)
     with comm.step("inspect"):
-        strategy = load_strategy(args.strategy, shapes_from=args.path) if args.strategy else None
-        info = describe_path(args.path, strategy, args.tensors) if comm.rank == 0 else None
+        strategy = load_strategy(args.strategy, shapes_from=path) if args.strategy else None
+        info = describe_path(path, strategy, args.tensors) if comm.rank == 0 else None
     if comm.rank == 0:
         print(json.dumps(info) if args.json else render(info))
     # exit status 1 on every rank when the checkpoint is not complete (its report says why)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..comm.rounds import DEFAULT_LOAD_BUDGET
 from ..errors import UsageError
 from ..layout.loader import load_strategy
-from .common import add_exchange_options, add_run_options, add_simulate_options, examples
+from .common import add_exchange_options, add_step_option, at_step, add_run_options, add_simulate_options, examples
 
 HELP = "load this job's slices under a strategy from any checkpoint; report traffic per rank"
 EXAMPLES = examples("""
@@ -22,10 +23,11 @@ def register(sub) -> None:
                                 "de-duplicated, any strategy)")
     p.add_argument("--strategy", required=True, help="the layout to load into (world size = job)")
     p.add_argument("--src-strategy", help="source strategy (when PATH has no manifest.json)")
+    add_step_option(p)
     p.add_argument("--against", metavar="REF",
                    help="compare every loaded byte with checkpoint REF; differences are an error")
     add_run_options(p, writes=False)
-    add_exchange_options(p)
+    add_exchange_options(p, DEFAULT_LOAD_BUDGET)
     add_simulate_options(p)
     p.set_defaults(run=run)
 
@@ -42,6 +44,7 @@ def run(args, comm):
         raise UsageError(f"{args.strategy}: strategy has {n} ranks but the job has {comm.size}; "
                          f"launch with mpiexec -n {n}, or plan one of its ranks in this "
                          f"process with --dry-run --simulate-world {n} --simulate-rank R")
-    return load_job(args.path, strategy, comm, against=args.against, src_strategy=src,
+    path = at_step(comm, args.path, args.step)
+    return load_job(path, strategy, comm, against=args.against, src_strategy=src,
                     dry_run=args.dry_run, buffer_size=args.buffer_size,
                     budget=args.exchange_budget, max_message=args.max_message)

@@ -24,13 +24,14 @@ from . import jobs as jobs_cmd
 from . import load as load_cmd
 from . import merge as merge_cmd
 from . import reshard as reshard_cmd
+from . import save as save_cmd
 from . import split as split_cmd
 from . import strategy as strategy_cmd
 from . import verify as verify_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, strategy_cmd, jobs_cmd,
-            convert_cmd, verify_cmd)
+COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, save_cmd, strategy_cmd,
+            jobs_cmd, convert_cmd, verify_cmd)
 
 #: 128 + SIGPIPE: what a shell reports for a tool whose reader went away (`| head`)
 EXIT_BROKEN_PIPE = 141
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if result is not None and (comm.rank == 0 or simulate is not None):
             print_result(result, as_json)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
-        return 0
+        return result.extra.get("exit_status", 0) if result is not None else 0
     except BrokenPipeError:
         return _reader_went_away()
     except RankFailure as e:

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 
 from ..layout.loader import load_strategy
-from .common import add_run_options, copy_options, examples, size_type
+from .common import (add_max_extra_size, add_run_options, add_step_option, at_step,
+                     copy_options, examples, size_type)
 
 HELP = "distributed checkpoint -> complete weights (HF or MindSpore layout)"
 EXAMPLES = examples("""
 hpcckpt merge dist/ hf_out/ --max-shard-size 5GB
+hpcckpt merge dist/ hf_out/ --hf-files original_model/   # config, tokenizer from there
 mpiexec -n 4 hpcckpt merge dist/ ms_out/ --layout ms --exclude-prefix adam_m. --exclude-prefix adam_v.
 """)
 
@@ -27,18 +29,25 @@ def register(sub) -> None:
                    help="a MindSpore-written DIST (no manifest): the step to merge, by "
                         "MindSpore's rules ('1_100' = epoch 1 step 100); otherwise: insert "
                         "_SUF before .safetensors in shard names")
+    add_step_option(p)
     p.add_argument("--layout", choices=("hf", "ms"), default="hf")
+    p.add_argument("--hf-files", metavar="DIR",
+                   help="write back the non-weight files (config, tokenizer, ...) of the model "
+                        "directory DIR instead of those DIST carries")
+    add_max_extra_size(p)
     add_run_options(p)
     p.set_defaults(run=run)
 
 
 def run(args, comm):
     from ..ops.merge import merge  # on use: start-up is every rank's wall time
+    dist = at_step(comm, args.dist, args.step)
     strategy = None
     if args.strategy:
         with comm.step("read strategy"):
-            strategy = load_strategy(args.strategy, shapes_from=args.dist,
+            strategy = load_strategy(args.strategy, shapes_from=dist,
                                      file_suffix=args.file_suffix or None)
-    return merge(args.dist, args.out, strategy=strategy, max_shard_size=args.max_shard_size,
+    return merge(dist, args.out, strategy=strategy, max_shard_size=args.max_shard_size,
                  exclude_prefixes=tuple(args.exclude_prefix), file_suffix=args.file_suffix,
-                 layout=args.layout, comm=comm, options=copy_options(args))
+                 layout=args.layout, comm=comm, options=copy_options(args),
+                 hf_files_dir=args.hf_files, max_extra_size=args.max_extra_size)

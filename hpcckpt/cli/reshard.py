@@ -1,11 +1,11 @@
-"""hpcckpt reshard DIST OUT --strategy DST [--src-strategy SRC] [--dedup] [--node-local]"""
+"""hpcckpt reshard DIST OUT --strategy DST [--src-strategy SRC] [--dedup [balanced|whole]] [--node-local]"""
 from __future__ import annotations
 
 import argparse
 
 from ..layout.loader import load_strategy
-from .common import (add_exchange_options, add_run_options, add_simulate_options, copy_options,
-                     examples)
+from .common import (add_dedup_option, add_exchange_options, add_run_options, add_simulate_options,
+                     add_step_option, at_step, copy_options, examples)
 
 HELP = "distributed checkpoint -> distributed checkpoint under another strategy"
 EXAMPLES = examples("""
@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("out", help="output directory ({rank} = this rank, node-local)")
     p.add_argument("--strategy", required=True, help="destination strategy")
     p.add_argument("--src-strategy", help="source strategy (when DIST has no manifest.json)")
-    p.add_argument("--dedup", action="store_true", help="store each distinct box once")
+    add_dedup_option(p)
+    add_step_option(p)
     p.add_argument("--prefix", default=None, help="file name prefix (default: the source's)")
     p.add_argument("--node-local", action="store_true",
                    help="no shared filesystem: ranks open only their own rank directories; "
@@ -39,13 +40,13 @@ def run(args, comm):
         # a MindSpore strategy takes its tensor shapes from the source checkpoint
         # (the destination's from the source strategy, when given: a MindSpore-written
         # checkpoint's slices are the source layout's)
-        dist = args.dist.format(rank=comm.rank)
+        dist = at_step(comm, args.dist, args.step).format(rank=comm.rank)
         src = (load_strategy(args.src_strategy.format(rank=comm.rank), shapes_from=dist)
                if args.src_strategy else None)
         dst = load_strategy(args.strategy.format(rank=comm.rank), shapes_from=src or dist)
     extra = {}
     if args.node_local:
         extra = {"budget": args.exchange_budget, "max_message": args.max_message}
-    return reshard(args.dist, args.out, dst, src_strategy=src, dedup=args.dedup,
+    return reshard(dist, args.out, dst, src_strategy=src, dedup=args.dedup or False,
                    prefix=args.prefix, node_local=args.node_local, comm=comm,
                    options=copy_options(args), **extra)

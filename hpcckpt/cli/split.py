@@ -1,8 +1,8 @@
-"""hpcckpt split COMPLETE OUT --strategy S [--dedup] [--prefix P]"""
+"""hpcckpt split COMPLETE OUT --strategy S [--dedup [balanced|whole]] [--prefix P]"""
 from __future__ import annotations
 
 from ..layout.loader import load_strategy
-from .common import add_run_options, copy_options, examples
+from .common import add_dedup_option, add_max_extra_size, add_run_options, copy_options, examples
 
 HELP = "complete weights -> distributed checkpoint under a strategy"
 EXAMPLES = examples("""
@@ -17,8 +17,9 @@ def register(sub) -> None:
     p.add_argument("complete", help="HF directory (with index), model.safetensors, or a file")
     p.add_argument("out", help="output directory")
     p.add_argument("--strategy", required=True, help="strategy YAML")
-    p.add_argument("--dedup", action="store_true", help="store each distinct box once, balanced")
+    add_dedup_option(p)
     p.add_argument("--prefix", default="model", help="file name prefix (default: model)")
+    add_max_extra_size(p)
     add_run_options(p)
     p.set_defaults(run=run)
 
@@ -27,5 +28,5 @@ def run(args, comm):
     from ..ops.split import split  # on use: start-up is every rank's wall time
     with comm.step("read strategy"):
         strategy = load_strategy(args.strategy, shapes_from=args.complete)
-    return split(args.complete, args.out, strategy, dedup=args.dedup, prefix=args.prefix,
-                 comm=comm, options=copy_options(args))
+    return split(args.complete, args.out, strategy, dedup=args.dedup or False, prefix=args.prefix,
+                 comm=comm, options=copy_options(args), max_extra_size=args.max_extra_size)

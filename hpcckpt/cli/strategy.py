@@ -87,7 +87,7 @@ def register_mindspore(ssub) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("dir", help="directory of per-stage .ckpt (or .json) strategy files")
     merge.add_argument("out", help="merged strategy file to write")
-    merge.add_argument("--json", action="store_true")
+    add_output_options(merge)
     merge.set_defaults(run=run_merge)
     conv = ssub.add_parser("convert", help=CONVERT_HELP, description=CONVERT_HELP,
                            epilog=MS_EXAMPLES,
@@ -98,22 +98,24 @@ def register_mindspore(ssub) -> None:
                       help="checkpoint giving tensor shapes and dtypes (MindSpore input)")
     conv.add_argument("--file-suffix", metavar="SUF",
                       help="with a MindSpore-written --shapes-from, the step to read")
-    conv.add_argument("--json", action="store_true")
+    add_output_options(conv)
     conv.set_defaults(run=run_convert)
 
 
 def run_merge(args, comm):
     from ..layout.mindspore import merge_stage_files
     with comm.step("strategy merge"):
-        files = merge_stage_files(args.dir, args.out) if comm.rank == 0 else []
+        files = (merge_stage_files(args.dir, args.out, dry_run=args.dry_run)
+                 if comm.rank == 0 else [])
     if comm.rank == 0:
-        info = {"op": "strategy merge", "output": args.out,
+        info = {"op": "strategy merge", "output": args.out, "dry_run": args.dry_run,
                 "stages": [{"stage": f.stage, "file": f.path, "parameters": len(f.layouts)}
                            for f in files]}
         if args.json:
             print(json.dumps(info))
         else:
-            print(f"strategy merge: {len(files)} stage(s) -> {args.out} "
+            print(f"strategy merge{' (dry run, nothing written)' if args.dry_run else ''}: "
+                  f"{len(files)} stage(s) -> {args.out} "
                   f"({sum(len(f.layouts) for f in files)} parameter layouts)")
     return None
 
@@ -135,10 +137,13 @@ def run_convert(args, comm):
                 data = strategy_to_yaml(s).encode()
             else:
                 data = strategy_to_ms(s, "json" if out.suffix == ".json" else "protobuf")
-            atomic_write_bytes(out, data)
+            if not args.dry_run:
+                atomic_write_bytes(out, data)
     if comm.rank == 0:
-        info = {"op": "strategy convert", "output": str(out), "tensors": len(s.tensors),
+        info = {"op": "strategy convert", "output": str(out), "dry_run": args.dry_run,
+                "tensors": len(s.tensors),
                 "mesh": s.mesh.to_dict()}
         print(json.dumps(info) if args.json else
-              f"strategy convert: {len(s.tensors)} tensors on mesh {s.mesh} -> {out}")
+              f"strategy convert{' (dry run, nothing written)' if args.dry_run else ''}: "
+              f"{len(s.tensors)} tensors on mesh {s.mesh} -> {out}")
     return None

@@ -11,7 +11,7 @@ import sys
 
 from ..errors import HpcckptError, RankFailure
 from ..units import format_bytes, parse_size
-from .common import examples
+from .common import add_output_options, examples
 
 HELP = "prove a checkpoint complete and uncorrupted, every rank checking its share"
 EXAMPLES = examples("""
@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--finite", action="store_true", help="also scan floating tensors for NaN/Inf")
     p.add_argument("--buffer-size", type=parse_size, default=8 << 20, metavar="SIZE",
                    help="read buffer per rank (default 8.00 MiB)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    add_output_options(p, reads_only=True)
     p.set_defaults(run=run, prints_itself=True)
 
 

@@ -42,6 +42,7 @@ def guard(cleanup: Callable[[], None]) -> Iterator[None]:
         if outer:
             for s, h in previous.items():
                 signal.signal(s, h)
+            _state.update(pending=None, raised=False)
 
 
 def _handler(signum: int, frame) -> None:

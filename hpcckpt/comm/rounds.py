@@ -20,12 +20,16 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..errors import RankFailure
+from . import interrupts
 from .wrapper import Comm, describe
 
 MAX_MPI_MESSAGE = (1 << 31) - 1
 #: send + receive buffers per rank per round: with the copy buffer and the reader's
 #: scratch (4 MiB each) a node-local reshard of W1 peaks at 115 MiB per rank
 DEFAULT_BUDGET = 64 << 20
+#: load's default: it keeps every slice it holds, and its peak RSS is meant to stay
+#: within 100 MiB of those (interpreter and libraries take about 50)
+DEFAULT_LOAD_BUDGET = 32 << 20
 DEFAULT_MAX_MESSAGE = 1 << 30
 
 #: fill(receiver, stream_offset, out_view) writes the next bytes of my stream to receiver
@@ -42,7 +46,15 @@ def exchange_streams(comm: Comm, send_totals: Sequence[int], recv_totals: Sequen
     """Move every stream to completion. Returns counters: rounds, bytes_sent, bytes_received.
 
     Plain Python integers and bytearrays: the bookkeeping is O(size) per round, and the
-    bytes move through the buffers without numpy (see hpcckpt.dtypes)."""
+    bytes move through the buffers without numpy (see hpcckpt.dtypes). A SIGTERM or
+    SIGINT received meanwhile ends the rounds like any error (``comm.interrupts``): no
+    rank leaves them while the others are still in a collective."""
+    with interrupts.deferred():
+        return _exchange(comm, send_totals, recv_totals, fill, drain, align, budget,
+                         max_message, step)
+
+
+def _exchange(comm, send_totals, recv_totals, fill, drain, align, budget, max_message, step):
     size = comm.size
     budget = max(64, min(int(budget) // 2, MAX_MPI_MESSAGE))  # per direction
     max_message = max(16, min(int(max_message), MAX_MPI_MESSAGE))
@@ -55,6 +67,8 @@ def exchange_streams(comm: Comm, send_totals: Sequence[int], recv_totals: Sequen
     error: str | None = None
     rounds = 0
     while True:
+        if error is None and interrupts.pending():
+            error = interrupts.pending()
         # 1. offers (as receiver) + status
         want = [t - r for t, r in zip(recv_totals, recvd)]
         offers = [0] * size

@@ -7,6 +7,15 @@ A distributed checkpoint::
       manifest.json                       MANIFEST (written last: its presence means complete)
       rank_<r>/<prefix>_rank_<r>.safetensors   rank_file_name(prefix, r)
 
+A training directory (``CheckpointManager``, ``hpcckpt save``) keeps several steps::
+
+    out/
+      strategy.yaml
+      rank_<r>/<prefix>_rank_<r>[_<n>]-<epoch>_<step>.safetensors   step_file_name(...)
+      rank_<r>/meta.json                  MS_META, after each commit
+      commits/<seq>-<epoch>_<step>.json   TRAINING_RECORDS, record_name(...): the commit
+      latest                              TRAINING_LATEST, replaced after each commit
+
 Complete HF weights carry ``model.safetensors.index.json`` (HF_INDEX) beside their
 shards; MindSpore's merged output carries ``param_name_map.json`` (MS_NAME_MAP) and
 ``hyper_param.safetensors`` (MS_HYPER_PARAMS: epoch/step, read from the source's
@@ -25,6 +34,10 @@ MS_META = "meta.json"
 MS_HYPER_PARAMS = "hyper_param.safetensors"
 CHECKSUM_PREFIX = "xxh3_64:"
 DEFAULT_PREFIX = "model"
+#: a distributed checkpoint's copy of its model directory's non-weight files
+MODEL_FILES_DIR = "model_files"
+TRAINING_RECORDS = "commits"
+TRAINING_LATEST = "latest"
 
 #: a rank directory's name, ``rank_<r>``
 RANK_DIR = re.compile(r"^rank_(\d+)$")
@@ -60,3 +73,16 @@ def rank_dir_of(rel_path: str) -> int | None:
     """The ``r`` of a relative path under ``rank_<r>/``, or None outside rank directories."""
     m = _RANK_DIR_PATH.match(rel_path)
     return int(m.group(1)) if m else None
+
+
+def step_file_name(prefix: str, suffix: int, rank: int, epoch: int, step: int) -> str:
+    """A training save's rank file, ``rank_<r>/<prefix>_rank_<r>[_<suffix>]-<epoch>_<step>
+    .safetensors`` (MindSpore Transformers' naming; ``_<suffix>`` when the prefix was
+    already used in the directory)."""
+    tail = f"_{suffix}" if suffix else ""
+    return f"{rank_dir_name(rank)}/{prefix}_rank_{rank}{tail}-{epoch}_{step}.safetensors"
+
+
+def record_name(sequence: int, epoch: int, step: int) -> str:
+    """A training step's commit record, ``commits/<seq>-<epoch>_<step>.json``."""
+    return f"{TRAINING_RECORDS}/{sequence:06d}-{epoch}_{step}.json"

@@ -520,10 +520,11 @@ def _check_devices(s: MsStrategy) -> MsStrategy:
 
 
 # ---- merging per-stage files as MindSpore does -------------------------------------
-def merge_stage_files(directory: str | Path, out: str | Path) -> list[MsStageFile]:
+def merge_stage_files(directory: str | Path, out: str | Path,
+                      dry_run: bool = False) -> list[MsStageFile]:
     """``hpcckpt strategy merge``: MindSpore's ``merge_pipeline_strategys`` output, with
     files taken in stage order and a duplicate or missing stage refused. Returns the
-    files merged."""
+    files merged (``dry_run``: checked, nothing written)."""
     directory = Path(directory)
     paths = stage_files(directory)
     parsed = [read_stage_file(p) for p in paths]
@@ -549,8 +550,9 @@ def merge_stage_files(directory: str | Path, out: str | Path) -> list[MsStageFil
                 doc["parallel_layout_item"][f"{f.stage}-{name}"] = item
             doc["parallel_strategy_item"].update(src["parallel_strategy_item"])
         data = json.dumps(doc).encode()
-    from ..storage.atomic import atomic_write_bytes
-    atomic_write_bytes(out, data)
+    if not dry_run:
+        from ..storage.atomic import atomic_write_bytes
+        atomic_write_bytes(out, data)
     return files
 
 

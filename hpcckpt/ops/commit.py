@@ -292,21 +292,25 @@ class OutputCommit:
                                  "(a file this job would write)")
 
     def _mkdirs(self, path: Path) -> None:
-        """Create ``path`` and missing parents, remembering each one created here."""
-        missing = []
-        p = path
-        while not p.exists() and not p.is_symlink():
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            self._created_dirs.append(str(d))   # before mkdir: a signal may come between
-            try:
-                d.mkdir()
-            except FileExistsError:
-                self._created_dirs.pop()        # another job's, not ours
-            except OSError as e:
-                self._created_dirs.pop()
-                raise io_error(d, "cannot create directory", e) from None
+        """Create ``path`` and missing parents (as ``os.makedirs``: nothing above the
+        first existing one is looked at), remembering each one created here."""
+        self._created_dirs.append(str(path))   # before mkdir: a signal may come between
+        try:
+            path.mkdir()
+            return
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            self._created_dirs.pop()
+            self._mkdirs(path.parent)
+            self._mkdirs(path)
+            return
+        except OSError as e:
+            self._created_dirs.pop()
+            raise io_error(path, "cannot create directory", e) from None
+        self._created_dirs.pop()               # there already: not ours
+        if not path.is_dir():
+            raise UsageError(f"{path}: exists and is not a directory")
 
     # ---- files ----------------------------------------------------------------------
     def _path(self, index: int, temp: bool) -> str:
@@ -441,6 +445,7 @@ class OutputCommit:
     def _write_records(self, docs: list[tuple[str, bytes]]) -> None:
         for rel, data in docs:
             path = os.path.join(self.out, rel)
+            self._mkdirs(Path(path).parent)   # carried model files keep their subdirectories
             self._records.append(path)   # before: a signal during the write removes it
             atomic_write_bytes(path, data, self.options.fsync)
         self._committed = True           # the marker is down: nothing is undone now

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from ..errors import FormatError
-from ..formats.names import MANIFEST, STRATEGY_FILE, rank_dir_name
+from ..formats.names import MANIFEST, MODEL_FILES_DIR, STRATEGY_FILE, rank_dir_name
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
 from ..planning.outputs import OutputFile
 from ..planning.sources import SourceIndex
+from ..storage import model_files
 from ..storage.atomic import json_bytes
+from ..storage.model_files import ModelFile
 from ..storage.manifest import Manifest, ManifestChunk, ManifestTensor
 
 
@@ -29,7 +31,7 @@ def check_tensors_match(source: SourceIndex, strategy: Strategy, source_desc: st
 
 
 def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[tuple[int, int], str],
-                   dedup: bool, prefix: str) -> Manifest:
+                   dedup: bool, prefix: str, carried: list[ModelFile] = ()) -> Manifest:
     chunks: dict[str, list[ManifestChunk]] = {t.name: [] for t in strategy.tensors}
     for fi, f in enumerate(files):
         for ei, e in enumerate(f.entries):
@@ -38,7 +40,8 @@ def build_manifest(strategy: Strategy, files: list[OutputFile], checksums: dict[
                     for t in strategy.tensors)
     return Manifest(strategy.world_size, "dedup" if dedup else "full", tensors,
                     tuple(f.path for f in files), STRATEGY_FILE, prefix,
-                    tuple(f.size for f in files), strategy)
+                    tuple(f.size for f in files), strategy,
+                    model_files.manifest_entries(list(carried)))
 
 
 def rank_dirs_of(strategy: Strategy) -> list[str]:
@@ -48,9 +51,10 @@ def rank_dirs_of(strategy: Strategy) -> list[str]:
 
 def distributed_records(strategy: Strategy, files: list[OutputFile],
                         checksums: dict[tuple[int, int], str], dedup: bool,
-                        prefix: str) -> list[tuple[str, bytes]]:
-    """The records of a distributed checkpoint, in commit order: the strategy, then the
-    manifest (its presence means complete)."""
-    manifest = build_manifest(strategy, files, checksums, dedup, prefix)
-    return [(STRATEGY_FILE, strategy_to_yaml(strategy).encode()),
+                        prefix: str, carried: list[ModelFile] = ()) -> list[tuple[str, bytes]]:
+    """The records of a distributed checkpoint, in commit order: the carried model
+    files, the strategy, then the manifest (its presence means complete)."""
+    manifest = build_manifest(strategy, files, checksums, dedup, prefix, carried)
+    return [*model_files.records(list(carried), MODEL_FILES_DIR),
+            (STRATEGY_FILE, strategy_to_yaml(strategy).encode()),
             (MANIFEST, json_bytes(manifest.to_dict()))]

@@ -17,7 +17,7 @@ from ..planning.outputs import OutputEntry, OutputFile, WritePiece
 from ..planning.runs import strided_runs
 from ..layout.tensor import TensorInfo
 from ..planning.sources import SourceIndex
-from ..storage.chunkio import ChunkReader
+from ..storage.chunkio import ChunkReader, verify_totals
 from .commit import (DEFAULT_BUFFER, OutputCommit, ReadFn, RecordsFn, WriteOptions,
                      check_not_input, checksum_of)
 from .result import OpResult
@@ -83,90 +83,3 @@ def write_files(comm: Comm, source: SourceIndex, source_root, out: str,
     return OpResult.from_rows(op, out, len(files), per_rank, seconds, comm.size,
                               extra=verify_totals(per_rank))
 
-
-def verify_totals(per_rank) -> dict:
-    """Job totals of the chunk checksum counters (``ChunkReader.verify_counts``)."""
-    keys = ("chunks_verified", "chunks_read_in_part")
-    return {k: sum(r.get(k, 0) for r in per_rank) for k in keys}
-
-
-# ---- the node-local reshard's own copy of the protocol, until it moves onto
-# OutputCommit (after ops/exchange.py is split by role) ------------------------------
-import os as _os  # noqa: E402
-import shutil as _shutil  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-
-from ..errors import CheckpointIOError as _IOErr, UsageError as _UsageError  # noqa: E402
-from ..storage.atomic import fsync_dir as _fsync_dir, partial_name as _partial  # noqa: E402
-from ..storage.fileio import pwrite_all as _pwrite_all  # noqa: E402
-from .commit import _hash_entry as hash_entry  # noqa: E402,F401
-
-
-def prepare_output_dir(comm: Comm, out: str, overwrite: bool, markers: tuple[str, ...],
-                       inputs: tuple[str, ...] = (), mine: bool | None = None) -> None:
-    if mine is None:
-        mine = comm.rank == 0
-    with comm.step("prepare output"):
-        if mine:
-            p = _Path(out)
-            check_not_input(out, inputs)
-            if p.exists() and not p.is_dir():
-                raise _UsageError(f"{out}: exists and is not a directory")
-            if p.exists() and any(p.iterdir()):
-                if not overwrite:
-                    raise _UsageError(f"{out}: output directory is not empty "
-                                      "(pass --overwrite to replace it)")
-                for m in markers:
-                    (p / m).unlink(missing_ok=True)
-                _shutil.rmtree(p)
-            p.mkdir(parents=True, exist_ok=True)
-
-
-def rename_partials(created: list[str], fsync: bool) -> None:
-    dirs = dict.fromkeys(_os.path.dirname(p) for p in created)
-    for path in created:
-        _os.replace(path, path[: -len(".partial")])
-    created.clear()
-    if fsync:
-        for d in dirs:
-            _fsync_dir(d or ".")
-
-
-def remove_files(paths: list[str]) -> None:
-    for path in paths:
-        try:
-            _os.unlink(path)
-        except OSError:
-            pass
-
-
-def create_partial(final: str, f: OutputFile, fsync: bool = False) -> str:
-    path = _partial(final)
-    _os.makedirs(_os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        fd = _os.open(path, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o644)
-    except OSError as e:
-        raise _IOErr(f"{path}: cannot create: {e.strerror or e}") from None
-    try:
-        try:
-            _os.ftruncate(fd, f.size)
-            _pwrite_all(fd, memoryview(f.header), 0, path)
-        except OSError as e:
-            raise _IOErr(f"{path}: cannot size to {f.size} bytes: {e.strerror or e}") from None
-    finally:
-        _os.close(fd)
-    return path
-
-
-def open_rw(path: str) -> int:
-    try:
-        return _os.open(path, _os.O_RDWR)
-    except OSError as e:
-        raise _IOErr(f"{path}: cannot open for writing: {e.strerror or e}") from None
-
-
-def fsync_fd(fd: int, path: str) -> None:
-    try:
-        _os.fsync(fd)
-    except OSError as e:
-        raise _IOErr(f"{path}: fsync failed: {e.strerror or e}") from None

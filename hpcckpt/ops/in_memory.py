@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Mapping
 
-from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
+from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_LOAD_BUDGET, DEFAULT_MAX_MESSAGE
 from ..comm.wrapper import Comm, as_comm
 from ..dtypes import numpy_dtype
 from ..errors import FormatError, UsageError
@@ -21,6 +21,7 @@ from ..planning.routes import Route, RoutePlan
 from ..planning.runs import strided_runs
 from ..storage.chunkio import ChunkReader, copy_runs
 from ..storage.inputs import open_input
+from ..storage.training import step_path
 from .common import check_tensors_match
 from .filecopy import DEFAULT_BUFFER
 from .route_exec import execute_routes, memory_writer, region_reader
@@ -85,9 +86,10 @@ def _byte_view(a, t, box: Box, rank: int):
 
 
 def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None,
-         budget: int = DEFAULT_BUDGET, max_message: int = DEFAULT_MAX_MESSAGE,
+         budget: int = DEFAULT_LOAD_BUDGET, max_message: int = DEFAULT_MAX_MESSAGE,
          buffer_size: int = DEFAULT_BUFFER, stats: dict | None = None,
-         src_strategy: Strategy | None = None) -> dict:
+         src_strategy: Strategy | None = None,
+         step: tuple[int, int] | str | None = None) -> dict:
     """This rank's slices of every tensor under ``strategy``, from any checkpoint.
 
     Complete HF weights or a distributed checkpoint of any strategy, full or
@@ -106,6 +108,8 @@ def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None
             rank before any byte is read; a mismatch is a UsageError naming the rank,
             the tensor and the box. the source's layout, only for a distributed checkpoint without a
             manifest (MindSpore's); otherwise everything is read from the files.
+        step: for a training directory (``CheckpointManager``), the committed step to
+            load, ``(epoch, step)`` or ``"EPOCH_STEP"``; default the latest committed.
         stats: if given, filled with ``per_rank`` counters (bytes_read from disk,
             bytes_received and bytes_sent over MPI), ``rounds``, ``seconds`` and
             ``unique_bytes``.
@@ -122,7 +126,7 @@ def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None
     t0 = time.perf_counter()
     check_world(strategy, comm)  # the same verdict on every rank: no step needed
     with comm.step("plan"):
-        inp = open_input(path, src_strategy, lazy=True, comm=comm)
+        inp = open_input(step_path(path, step), src_strategy, lazy=True, comm=comm)
         check_tensors_match(inp.source, strategy, str(path), "the strategy", allow_extra=True)
         plan = plan_load(inp.source, strategy, comm.rank)
         if out is None:
@@ -150,7 +154,8 @@ def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None
         stats.update(per_rank=comm.allgather({"rank": comm.rank, "bytes_read": reader.bytes_read,
                                               "bytes_received": st.bytes_received,
                                               "bytes_sent": st.bytes_sent,
-                                              "bytes_local": st.bytes_local}),
+                                              "bytes_local": st.bytes_local,
+                                              **reader.verify_counts()}),
                      rounds=st.rounds, seconds=comm.allreduce_max(time.perf_counter() - t0),
                      unique_bytes=strategy.unique_bytes, files=len(inp.files))
     return out

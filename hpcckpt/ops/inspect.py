@@ -8,8 +8,10 @@ from pathlib import Path
 from ..errors import HpcckptError
 from ..layout.loader import load_strategy
 from ..layout.strategy import Strategy
-from ..formats.names import HF_INDEX, MANIFEST, MS_NAME_MAP, STRATEGY_FILE
+from ..formats.names import HF_INDEX, MANIFEST, MODEL_FILES_DIR, MS_NAME_MAP, STRATEGY_FILE
+from ..storage import model_files
 from ..storage.inputs import open_input
+from ..storage.training import is_record_path
 
 
 MAX_PROBLEMS = 20   #: listed in the report (``problems_total`` counts all)
@@ -58,7 +60,7 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
     p = Path(path)
     if p.is_file() and p.name in (HF_INDEX, MS_NAME_MAP, MANIFEST):
         p = p.parent   # the file that names a checkpoint's files stands for its directory
-    if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json"):
+    if p.is_file() and p.suffix in (".yaml", ".yml", ".ckpt", ".json") and not is_record_path(p):
         return describe_strategy(load_strategy(p))
     problems = []
     try:
@@ -80,8 +82,23 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
             problems.append(f"missing file {f}")
         else:
             stored += os.path.getsize(fp)
+    config_dir = model_files.model_dir_of(p) if inp.kind != "distributed" else None
     if inp.manifest is not None:
         problems += check_against_manifest(inp)
+        carried = inp.manifest.model_files
+        if carried:
+            out["model_files"] = len(carried)
+            for rel, (size, _) in carried.items():
+                fp = p / MODEL_FILES_DIR / rel
+                have = fp.stat().st_size if fp.is_file() else None
+                if have != size:
+                    problems.append(f"{MODEL_FILES_DIR}/{rel}: " + (
+                        "missing" if have is None else f"{have} bytes, the manifest records {size}"))
+            if "config.json" in carried:
+                config_dir = p / MODEL_FILES_DIR
+    model = model_files.config_summary(root=config_dir) if config_dir else None
+    if model is not None:
+        out["model"] = model
     out["stored_bytes"] = stored
     if inp.kind == "distributed":
         out.update({"world_size": inp.manifest.world_size if inp.manifest else

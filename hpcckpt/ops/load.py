@@ -13,8 +13,9 @@ from ..layout.strategy import Strategy
 from ..storage.inputs import open_source
 from .common import check_tensors_match
 from .compare import compare_slices
-from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
+from ..comm.rounds import DEFAULT_LOAD_BUDGET, DEFAULT_MAX_MESSAGE
 from ..planning.route_plans import plan_load, plan_summary
+from ..storage.chunkio import verify_totals
 from .filecopy import DEFAULT_BUFFER
 from .in_memory import check_world, load
 from .result import OpResult
@@ -22,7 +23,7 @@ from .result import OpResult
 
 def load_job(path: str, strategy: Strategy, comm: Comm, *, against: str | None = None,
              src_strategy: Strategy | None = None, dry_run: bool = False,
-             buffer_size: int = DEFAULT_BUFFER, budget: int = DEFAULT_BUDGET,
+             buffer_size: int = DEFAULT_BUFFER, budget: int = DEFAULT_LOAD_BUDGET,
              max_message: int = DEFAULT_MAX_MESSAGE) -> OpResult:
     t0 = time.perf_counter()
     if dry_run:
@@ -43,6 +44,7 @@ def load_job(path: str, strategy: Strategy, comm: Comm, *, against: str | None =
                   buffer_size=buffer_size, stats=stats, src_strategy=src_strategy)
     seconds = stats["seconds"]
     extra = {"unique_bytes": stats["unique_bytes"], "rounds": stats["rounds"],
+             **verify_totals(stats["per_rank"]),
              "bytes_sent": sum(r["bytes_sent"] for r in stats["per_rank"])}
     if against is not None:
         with comm.step(f"compare with {against}"):

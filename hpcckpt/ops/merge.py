@@ -11,7 +11,9 @@ from ..formats.names import HF_INDEX, MS_HYPER_PARAMS, MS_META, MS_NAME_MAP, ran
 from ..formats.safetensors import build_header
 from ..planning.outputs import MS_PART_SIZE, divide_writes, hf_files, hf_index, ms_unified_files
 from ..storage.atomic import json_bytes
+from ..storage import model_files
 from ..storage.inputs import ManifestReader, RankFilesReader, open_input
+from ..storage.reader import CheckpointReader
 from .filecopy import CopyOptions, write_files
 from .result import OpResult
 
@@ -19,20 +21,26 @@ from .result import OpResult
 def merge(dist: str, out: str, *, strategy: Strategy | None = None,
           max_shard_size: int | None = None, exclude_prefixes: tuple[str, ...] = (),
           file_suffix: str = "", layout: str = "hf", comm=None,
-          options: CopyOptions = CopyOptions()) -> OpResult:
+          options: CopyOptions = CopyOptions(), hf_files_dir: str | None = None,
+          max_extra_size: int = model_files.DEFAULT_MAX_BYTES) -> OpResult:
     """Write complete weights: HF shards + index, or MindSpore's part files + name map.
 
     The output bytes are divided evenly among the job's ranks; one tensor may be written
     by several ranks. ``max_shard_size``: default 5 GB (hf), about 3 GiB (ms, as MindSpore
     2.10's ``unified_safetensors``, whose layout ``ms`` reproduces: see
     ``planning.outputs.ms_unified_files``).
+
+    The HF layout also writes back the model directory's non-weight files (config,
+    tokenizer, ...) that the checkpoint carries, byte for byte, or those of the model
+    directory ``hf_files_dir`` (for a checkpoint made without them).
     """
     comm: Comm = as_comm(comm)
     if layout not in ("hf", "ms"):
         raise UsageError(f"--layout must be hf or ms, not {layout!r}")
     with comm.step("plan"):
         src = dist
-        if RankFilesReader.recognise(Path(dist)) and not ManifestReader.recognise(Path(dist)):
+        if not isinstance(dist, CheckpointReader) and RankFilesReader.recognise(Path(dist)) \
+                and not ManifestReader.recognise(Path(dist)):
             # a MindSpore-written checkpoint: --file-suffix picks the step to read (as
             # MindSpore's unified_safetensors), and output names stay plain
             if strategy is not None:
@@ -53,6 +61,11 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
             hyper = _hyper_params(inp, {t.name for t in parts}, exclude_prefixes)
         else:
             files = hf_files(tensors, max_shard_size or 5_000_000_000, file_suffix, layout)
+        carried = []
+        if layout == "hf" and comm.rank == 0:
+            carried = (model_files.collect(hf_files_dir, max_extra_size) if hf_files_dir
+                       else model_files.read_carried(dist, inp.manifest.model_files)
+                       if inp.manifest is not None else [])
         pieces = divide_writes(files, comm.size)
     markers = (HF_INDEX, MS_NAME_MAP) + tuple(f.path for f in files)
 
@@ -60,14 +73,15 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         if name_map is not None:
             return [(MS_HYPER_PARAMS, hyper),
                     (MS_NAME_MAP, json.dumps(name_map, indent=4).encode())]
-        return [(HF_INDEX, json_bytes(hf_index(files)))] if len(files) > 1 else []
+        index = [(HF_INDEX, json_bytes(hf_index(files)))] if len(files) > 1 else []
+        return model_files.records(carried) + index
 
     # complete weights carry no checksums: nothing to hash
     result = write_files(comm, inp.source, inp, out, files, pieces, records, "merge", options,
                          inputs=(str(dist),), markers=markers, marker_first=True,
                          checksums_needed=False)
     result.extra.update({"layout": layout, "tensors": len(tensors),
-                         "shards": [f.path for f in files]})
+                         "shards": [f.path for f in files], "model_files": len(carried)})
     return result
 
 

@@ -10,9 +10,10 @@ import time
 
 from ..comm.wrapper import Comm, as_comm
 from ..layout.strategy import Strategy
-from ..planning.assign import dedup_assignment
+from ..planning.dedup import dedup_mode, plan_dedup
 from ..planning.outputs import OutputFile, divide_writes, rank_file, rank_files
 from ..planning.sources import SourceIndex
+from ..storage import model_files
 from ..storage.inputs import open_source
 from ..formats.names import DEFAULT_PREFIX, MANIFEST
 from .common import check_tensors_match, distributed_records, rank_dirs_of
@@ -21,7 +22,7 @@ from .result import OpResult
 
 
 def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy | None = None,
-            dedup: bool = False, prefix: str | None = None, node_local: bool = False,
+            dedup: bool | str = False, prefix: str | None = None, node_local: bool = False,
             comm=None, options: CopyOptions = CopyOptions(), **exchange_opts) -> OpResult:
     comm: Comm = as_comm(comm)
     if node_local:
@@ -29,11 +30,13 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
         return reshard_node_local(dist, out, strategy, src_strategy=src_strategy, dedup=dedup,
                                   prefix=prefix, comm=comm, options=options, **exchange_opts)
     t0 = time.perf_counter()
+    mode = dedup_mode(dedup)
     with comm.step("plan"):
         inp = open_source(dist, src_strategy, comm, prefix, lazy=True)
         check_tensors_match(inp.source, strategy, str(dist), "the destination strategy")
-        prefix = prefix or (inp.manifest.prefix if inp.manifest and inp.manifest.prefix else DEFAULT_PREFIX)
-        assignment = dedup_assignment(strategy) if dedup else None
+        prefix = prefix or (inp.manifest.prefix if inp.manifest and inp.manifest.prefix
+                            else DEFAULT_PREFIX)
+        assignment = plan_dedup(strategy, mode) if mode else None
         if getattr(comm, "simulated", False) and strategy.world_size == comm.size:
             # rank r writes file r (divide_writes): plan that file alone
             return _simulated_plan(inp.source, rank_file(strategy, prefix, comm.rank, assignment),
@@ -42,15 +45,18 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
         pieces = divide_writes(files, comm.size)
         for p in pieces[comm.rank]:
             inp.source.chunks(files[p.file].entries[p.entry].name)  # decoded and checked now
+        # the model directory's non-weight files go along, checked against the manifest
+        carried = (model_files.read_carried(dist, inp.manifest.model_files)
+                   if comm.rank == 0 and inp.manifest is not None else [])
 
     def records(checksums):
-        return distributed_records(strategy, files, checksums, dedup, prefix)
+        return distributed_records(strategy, files, checksums, bool(mode), prefix, carried)
 
     result = write_files(comm, inp.source, inp, out, files, pieces, records, "reshard",
                          options, inputs=(str(dist),), markers=(MANIFEST,),
                          dirs=rank_dirs_of(strategy))
-    result.extra.update({"strategy_world_size": strategy.world_size, "dedup": dedup,
-                         "transport": "shared-fs"})
+    result.extra.update({"strategy_world_size": strategy.world_size, "dedup": bool(mode),
+                         "transport": "shared-fs", "model_files": len(carried)})
     return result
 
 

@@ -1,9 +1,9 @@
 """Executing a route plan: local routes through a bounded buffer, the rest in bounded
 rounds of Alltoallv (``comm.rounds``), with the read and write steps given as callbacks.
 
-Also here: ``BoxAssembler`` (write-combining of destination boxes that arrive over MPI)
-and ``InOrderHashes`` (checksums taken as boxes are written front to back). A provider
-reads each region it sends exactly once.
+Also here: ``BoxAssembler`` (write-combining of destination boxes that arrive over MPI).
+A provider reads each region it sends exactly once. (Checksums of what is written are
+the commit path's: ``ops.commit``.)
 """
 from __future__ import annotations
 
@@ -12,12 +12,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Callable
 
-import xxhash
-
 from ..comm.rounds import exchange_streams
 from ..comm.wrapper import Comm
 from ..errors import FormatError
-from ..formats.names import CHECKSUM_PREFIX
 from ..layout.box import Box
 from ..planning.routes import Route, RoutePlan
 from ..planning.runs import flat_range_to_boxes, strided_runs
@@ -188,33 +185,6 @@ def _contiguous_in_box(route: Route) -> bool:
     """Whether the route's region is one contiguous span of its destination box."""
     return not strided_runs(route.region, route.dst_box, route.dst_box,
                             route.tensor.itemsize).counts
-
-
-class InOrderHashes:
-    """xxh3-64 of destination boxes whose bytes are written front to back."""
-
-    def __init__(self):
-        self.hashers: dict = {}
-        self.done: dict = {}       # key -> bytes hashed so far, or -1 once out of order
-
-    def update(self, key, offset: int, data: memoryview) -> None:
-        if self.done.get(key, 0) != offset:
-            self.spoil(key)
-            return
-        self.hashers.setdefault(key, xxhash.xxh3_64()).update(memoryview(data))
-        self.done[key] = offset + len(data)
-
-    def spoil(self, key) -> None:
-        self.done[key] = -1
-        self.hashers.pop(key, None)
-
-    def digest(self, key, nbytes: int) -> str | None:
-        """The checksum if exactly ``nbytes`` were hashed in order (empty boxes too)."""
-        if nbytes == 0:
-            return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(b"")
-        if self.done.get(key) != nbytes:
-            return None
-        return CHECKSUM_PREFIX + self.hashers[key].hexdigest()
 
 
 class _Stream:

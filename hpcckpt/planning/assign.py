@@ -1,31 +1,7 @@
-"""Balanced assignments: who stores a de-duplicated chunk, who writes which bytes."""
+"""Balanced assignments: who writes which bytes (de-duplication: ``dedup.py``)."""
 from __future__ import annotations
 
 import heapq
-
-from ..layout.box import Box
-from ..layout.strategy import Strategy
-
-
-def dedup_assignment(strategy: Strategy) -> dict[tuple[str, Box], int]:
-    """Pick, for every distinct box, the one replica rank that stores it.
-
-    Greedy longest-processing-time: largest chunks first, each to the replica rank with
-    the fewest bytes so far (ties to the lowest rank). Deterministic, so every rank
-    computes the same answer without communication.
-    """
-    items = []
-    for t in strategy.tensors:
-        for box, ranks in strategy.chunks(t.name):
-            items.append((box.volume * t.itemsize, t.name, box, ranks))
-    items.sort(key=lambda x: -x[0])  # stable: strategy order among equal sizes
-    load: dict[int, int] = {}
-    out: dict[tuple[str, Box], int] = {}
-    for nbytes, name, box, ranks in items:
-        r = min(ranks, key=lambda q: (load.get(q, 0), q))
-        load[r] = load.get(r, 0) + nbytes
-        out[(name, box)] = r
-    return out
 
 
 def balanced_cuts(boundaries: list[int], total: int, parts: int) -> list[int]:

@@ -15,6 +15,7 @@ from ..layout.strategy import Strategy
 from ..formats.names import hf_shard_name, ms_part_name, rank_file_name
 from ..formats.safetensors import build_header
 from .assign import balanced_cuts
+from .dedup import DedupPlan
 from .runs import flat_range_to_boxes
 from ..layout.tensor import TensorInfo
 
@@ -138,22 +139,27 @@ def hf_index(files: list[OutputFile]) -> dict:
 
 
 # ---- distributed weights -----------------------------------------------------------
-def rank_file(strategy: Strategy, prefix: str, rank: int,
-              dedup: dict[tuple[str, Box], int] | None = None) -> OutputFile:
-    """Rank ``rank``'s file: its boxes (with ``dedup``, only those assigned to it)."""
+def rank_file(strategy: Strategy, prefix: str, rank: int, dedup: "DedupPlan | None" = None,
+              path: str | None = None) -> OutputFile:
+    """Rank ``rank``'s file (at ``path``, default ``rank_file_name``): its boxes, or with
+    ``dedup`` only what the plan gives it to store (whole boxes or slabs of them)."""
     records = []
     for t, box in strategy.rank_boxes(rank):
-        if dedup is not None and (box.volume == 0 or dedup.get((t.name, box)) != rank):
-            continue
+        if dedup is not None:
+            box = dedup.box_for(rank, t.name)
+            if box is None:
+                continue
         records.append((t.name, t.dtype, box, t.shape))
     desc = {n: {"shape": list(g), "offsets": list(b.offsets)} for n, _, b, g in records}
     meta = {"format": "ms", "remove_redundancy": "True" if dedup is not None else "False",
             "hpcckpt": json.dumps(desc, separators=(",", ":"))}
-    return make_file(rank_file_name(prefix, rank), records, meta, rank)
+    if dedup is not None:
+        meta["dedup"] = dedup.mode
+    return make_file(path or rank_file_name(prefix, rank), records, meta, rank)
 
 
 def rank_files(strategy: Strategy, prefix: str,
-               dedup: dict[tuple[str, Box], int] | None = None) -> list[OutputFile]:
+               dedup: "DedupPlan | None" = None) -> list[OutputFile]:
     return [rank_file(strategy, prefix, r, dedup) for r in range(strategy.world_size)]
 
 

@@ -230,6 +230,12 @@ class ChunkReader:
         self.source.close()
 
 
+def verify_totals(per_rank) -> dict:
+    """Job totals of the chunk checksum counters (``ChunkReader.verify_counts``)."""
+    keys = ("chunks_verified", "chunks_read_in_part")
+    return {k: sum(r.get(k, 0) for r in per_rank) for k in keys}
+
+
 def write_runs_to_file(fd: int, path: str, begin: int, sr: StridedRuns, src,
                        src_base: int = 0, max_window: int = 8 << 20) -> None:
     """Scatter ``sr`` from memory into a file (destination offsets relative to ``begin``).

@@ -23,6 +23,7 @@ from ..planning.sources import (SourceChunk, SourceIndex, check_tensor_chunks, g
                                 strategy_source)
 from .fileio import FileHandles, preadv_into, safe_join
 from .manifest import ManifestIndex, read_manifest, strategy_digest
+from . import training
 from .reader import CheckpointReader, MetaFiles, check_region, shared_metadata
 
 
@@ -124,11 +125,16 @@ class ManifestReader(SafetensorsReader):
 
     @classmethod
     def open(cls, path, strategy=None, lazy=False, meta=None):
+        return cls.open_manifest(path, MANIFEST, strategy, lazy, meta)
+
+    @classmethod
+    def open_manifest(cls, path: Path, name: str, strategy=None, lazy=False, meta=None,
+                      description: str = ""):
+        """The checkpoint under ``path`` that the manifest ``path/name`` describes."""
         meta = meta or MetaFiles()
-        m = read_manifest(path, meta, bind=False)
-        where = str(path / MANIFEST)
-        tensors = {name: TensorInfo(name, shape, dtype)
-                   for name, (shape, dtype) in m.shapes.items()}
+        m = read_manifest(path, meta, bind=False, name=name)
+        where = str(path / name)
+        tensors = {name: TensorInfo(name, shape, dtype) for name, (shape, dtype) in m.shapes.items()}
         checked: set[str] = set()
 
         def chunks(name: str) -> list[SourceChunk]:
@@ -154,8 +160,43 @@ class ManifestReader(SafetensorsReader):
             for name in tensors:
                 source.chunks(name)
         return cls(path, "distributed", source, m.files,
-                   f"distributed, {m.world_size} ranks, redundancy {m.redundancy}", m,
-                   strategy or layout)
+                   f"{description}distributed, {m.world_size} ranks, redundancy {m.redundancy}",
+                   m, strategy or layout)
+
+
+class TrainingStepReader(ManifestReader):
+    """One committed step of a training directory (``CheckpointManager``, SPEC 2.2,
+    ``storage/training.py``): the step's commit record is its manifest. The directory
+    opens at its latest committed step; a record (``commits/<seq>-<epoch>_<step>.json``,
+    what ``--step`` resolves to) at its step. In a job, rank 0 picks the step and the
+    others read the record it broadcast, so every rank opens the same step."""
+
+    name = "training directory"
+
+    @classmethod
+    def recognise(cls, path: Path) -> bool:
+        return (path.is_file() and training.is_record_path(path)) or training.is_training_dir(path)
+
+    @classmethod
+    def metadata_names(cls, path: Path) -> tuple[str, ...]:
+        if path.is_file():   # a record: each rank reads the little it needs
+            return ()
+        return (training.find_record(path).path,
+                *sorted(p.name for p in path.glob("strategy*.yaml")))
+
+    @classmethod
+    def open(cls, path, strategy=None, lazy=False, meta=None):
+        if path.is_file():
+            root, record = path.parent.parent, f"{path.parent.name}/{path.name}"
+        else:
+            root = path
+            given = [k for k, v in (meta.files if meta else {}).items()
+                     if v is not None and training.is_record_path(k)]
+            record = (f"{training.RECORDS}/{Path(given[0]).name}" if given
+                      else training.find_record(path).path)
+        step = Path(record).stem.split("-", 1)[1]
+        return cls.open_manifest(root, record, strategy, lazy, meta,
+                                 f"training directory, step {step} ({record}); ")
 
 
 def _manifest_layout(root: Path, m: ManifestIndex, given: Strategy | None,
@@ -169,10 +210,10 @@ def _manifest_layout(root: Path, m: ManifestIndex, given: Strategy | None,
             and m.strategy_digest == strategy_digest(given):
         layout = given
     elif m.needs_layout or given is None:
-        text = meta.read(safe_join(root, m.strategy, str(root / MANIFEST)))
+        text = meta.read(safe_join(root, m.strategy, m.where))
         if text is None:
             if m.needs_layout:
-                raise FormatError(f"{where}: not found, and {root / MANIFEST} gives its tensors' "
+                raise FormatError(f"{where}: not found, and {m.where} gives its tensors' "
                                   "chunks by it")
             return None
         layout = strategy_from_yaml_text(text, str(where))
@@ -205,13 +246,37 @@ class RankFilesReader(SafetensorsReader):
         files = rank_files(path, strategy.world_size, file_suffix)
         for f in files.values():
             reader.header(f)
-        source = strategy_source(strategy, files.__getitem__,
-                                 holds=lambda r, name: name in reader.header(files[r]).tensors)
+        if any(reader.header(f).metadata.get("dedup") == "balanced" for f in files.values()):
+            source = _described_source(reader, strategy, files.values())
+        else:
+            source = strategy_source(strategy, files.__getitem__,
+                                     holds=lambda r, name: name in reader.header(files[r]).tensors)
         source.check_complete(str(path))
         source.redundancy = "dedup" if any(reader.header(f).metadata.get("remove_redundancy")
                                            == "True" for f in files.values()) else "full"
         reader.source, reader.files = source, tuple(files.values())
         return reader
+
+
+def _described_source(reader: SafetensorsReader, strategy: Strategy,
+                      files) -> SourceIndex:
+    """Balanced de-duplication stores slabs of the strategy's boxes: each rank file's
+    ``hpcckpt`` metadata gives the global offsets of what it stores (shapes from its
+    header), which ``check_complete`` then checks tile every tensor."""
+    entries = []
+    for f in files:
+        h = reader.header(f)
+        try:
+            desc = load_json(h.metadata["hpcckpt"], str(h.path), "'hpcckpt' metadata")
+            offsets = {name: tuple(int(x) for x in desc[name]["offsets"]) for name in h.tensors}
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{h.path}: a balanced de-duplicated file needs its 'hpcckpt' "
+                              f"metadata (each tensor's offsets): {type(e).__name__}: {e}") from None
+        for name, e in h.tensors.items():
+            entries.append((name, Box(offsets[name], tuple(e.shape)), f, None))
+    tensors = [TensorInfo(t.name, t.shape, t.dtype) for t in strategy.tensors]
+    chunks = group_chunks(entries)
+    return SourceIndex(tensors, lambda name: chunks.get(name, []))
 
 
 class HFIndexReader(SafetensorsReader):
@@ -287,7 +352,8 @@ class SafetensorsDirReader(SafetensorsReader):
 
 
 #: tried in this order; the first reader that recognises a path opens it
-READERS: list[type[CheckpointReader]] = [SingleFileReader, ManifestReader, RankFilesReader,
+READERS: list[type[CheckpointReader]] = [TrainingStepReader, SingleFileReader, ManifestReader,
+                                         RankFilesReader,
                                          HFIndexReader, MSNameMapReader, SafetensorsDirReader]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import socket
 import time
 
 from ..errors import UsageError
@@ -71,7 +70,7 @@ class OutputLock:
         self.fd = fd
         _HELD[key] = self.what
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        info = f"{self.what}, pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n"
+        info = f"{self.what}, pid {os.getpid()} on {os.uname().nodename}, since {stamp}\n"
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, info.encode(), 0)

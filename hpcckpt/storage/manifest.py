@@ -11,6 +11,9 @@ Format 2 (written since issue 8/9; format 1 is still read)::
      "prefix": "model", "checksum": "xxh3_64",
      "files": ["rank_0/model_rank_0.safetensors", ...],     # rank r's file is files[r]
      "file_sizes": [123456, ...],                           # bytes, one per file
+     "model_files": {"config.json": {"size": 612, "checksum": "xxh3_64:<hex>"}, ...},
+                               # optional: the model directory's non-weight files, kept
+                               # under model_files/ (storage.model_files)
      "tensors": {
        "w": {"shape": [8, 6], "dtype": "F32", "xxh3": "<16 hex digits per chunk>"},
        "v": {"shape": [8], "dtype": "F32", "xxh3": "...", "holders": [3, 0, ...]},
@@ -40,6 +43,7 @@ from ..formats.safetensors import load_json
 from ..layout.box import Box
 from ..layout.strategy import MAX_WORLD, Strategy
 from .fileio import safe_join
+from . import model_files
 
 FORMAT = "hpcckpt.manifest/2"
 FORMAT_V1 = "hpcckpt.manifest/1"
@@ -78,6 +82,9 @@ class Manifest:
     prefix: str = ""
     file_sizes: tuple[int, ...] = ()    #: bytes of each of ``files``
     layout: Strategy | None = field(default=None, compare=False, repr=False)
+    #: the model directory's non-weight files carried under ``model_files/``:
+    #: ``{path: {"size": n, "checksum": c}}`` (storage.model_files)
+    model_files: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         """The format-2 document (see the module docstring)."""
@@ -90,7 +97,10 @@ class Manifest:
         if lay is not None:
             doc["strategy_digest"] = strategy_digest(lay)
         doc.update({"prefix": self.prefix, "checksum": CHECKSUM, "files": list(self.files),
-                    "file_sizes": list(self.file_sizes), "tensors": {}})
+                    "file_sizes": list(self.file_sizes)})
+        if self.model_files:
+            doc["model_files"] = self.model_files
+        doc["tensors"] = {}
         for t in self.tensors:
             entry: dict = {"shape": list(t.shape), "dtype": t.dtype}
             derived = _derive(lay, t, fid) if by_rank else None
@@ -201,6 +211,8 @@ class ManifestIndex:
         self.strategy: str = doc.get("strategy", STRATEGY_FILE)
         self.prefix: str = doc.get("prefix", "")
         self.strategy_digest: str | None = doc.get("strategy_digest")
+        #: carried non-weight files: path -> (size, checksum)
+        self.model_files = model_files.parse_entries(doc.get("model_files"), where)
         tensors = doc.get("tensors")
         if not isinstance(tensors, dict):
             raise FormatError(f"{where}: 'tensors' must map tensor names to their entries, "
@@ -365,11 +377,13 @@ def _compact_chunk(pairs: list[tuple[str, object]]):
     return d
 
 
-def read_manifest(root: str | Path, meta=None, bind: bool = True) -> ManifestIndex:
-    """Parse ``root/manifest.json``; ``meta`` (a ``reader.MetaFiles``) supplies its bytes.
-    With ``bind``, the checkpoint's strategy file is read and bound when the manifest
-    needs it (``ManifestReader`` binds one itself, from a given strategy if it can)."""
-    path = Path(root) / MANIFEST
+def read_manifest(root: str | Path, meta=None, bind: bool = True,
+                  name: str = MANIFEST) -> ManifestIndex:
+    """Parse ``root/<name>`` (``manifest.json``, or a training step's record in the same
+    format); ``meta`` (a ``reader.MetaFiles``) supplies its bytes. With ``bind``, the
+    checkpoint's strategy file is read and bound when the manifest needs it
+    (``ManifestReader`` binds one itself, from a given strategy if it can)."""
+    path = Path(root) / name
     if meta is None:
         from .reader import MetaFiles
         meta = MetaFiles()

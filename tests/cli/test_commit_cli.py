@@ -25,6 +25,7 @@ from helpers import _kill_group, clean_env, find_mpiexec
 from hpcckpt.ops.commit import DELAY_ENV
 from hpcckpt.storage.lock import LOCK_NAME
 from hpcckpt.formats.safetensors import build_header, read_header
+from hpcckpt.storage.manifest import read_manifest
 from test_cli import (ROTATED_TRIO_DOC, check_complete, cli, copy_dist, data,  # noqa: F401
                       has_error, ok, write_yaml)
 
@@ -120,20 +121,27 @@ def _flip(dist: Path, rank: int) -> tuple[Path, str, str]:
     raw = bytearray(f.read_bytes())
     raw[e.begin + 5] ^= 0x10
     f.write_bytes(raw)
-    manifest = json.loads((dist / "manifest.json").read_text())
+    manifest = read_manifest(dist).expanded()   # every chunk listed, as format 1 does
     want = manifest["tensors"][f"t{rank}"]["chunks"][0]["checksum"]
     return f, want, "xxh3_64:" + xxhash.xxh3_64_hexdigest(bytes(raw[e.begin:e.end]))
 
 
-@pytest.mark.parametrize("cmd", ["merge", "reshard"])
-def test_flipped_bit_is_refused(data, tmp_path, cmd):
+@pytest.mark.parametrize("cmd, n, rank", [("merge", None, 0), ("reshard", None, 0),
+                                          ("reshard --node-local", 3, 2), ("load", 3, 1)])
+def test_flipped_bit_is_refused(data, tmp_path, cmd, n, rank):
+    """Every reader of stored chunks verifies them: t1's chunk is read whole by rank 0
+    (one process), by rank 2 (node-local: it writes t1's new file) or by rank 1 (load)."""
     dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
     f, want, got = _flip(dist, 1)
-    args = [cmd, dist, out] + (["--strategy", write_yaml(tmp_path / "rot.yaml", ROTATED_TRIO_DOC)]
-                               if cmd == "reshard" else [])
-    has_error(cli(args), f"hpcckpt {cmd}: error: rank 0: {f}: tensor 't1' chunk [0:16]: checksum "
-                         f"mismatch (the bytes read hash to {got}, the manifest records {want}): "
-                         "the file is damaged")
+    verb, *flags = cmd.split()
+    if verb == "load":
+        args = ["load", dist, "--strategy", data["trio_yaml"]]
+    else:
+        rotated = write_yaml(tmp_path / "rot.yaml", ROTATED_TRIO_DOC)
+        args = [verb, dist, out, *flags] + (["--strategy", rotated] if verb == "reshard" else [])
+    has_error(cli(args, n=n), f"hpcckpt {verb}: error: rank {rank}: {f}: tensor 't1' chunk [0:16]: "
+                              f"checksum mismatch (the bytes read hash to {got}, the manifest "
+                              f"records {want}): the file is damaged")
     assert not out.exists()
 
 
@@ -194,8 +202,8 @@ def test_failed_run_does_not_block_its_retry(data, tmp_path, cmd):
     os.truncate(f, read_header(f).data_start)
     _, stderr = finish(proc)
     assert proc.returncode != 0
-    assert re.search(rf"^hpcckpt {cmd}: error: ranks? [\d, -]+: {re.escape(str(f))}: "
-                     "file ends before byte", stderr,
+    # a short read, or the header check if the rank had not opened the file yet
+    assert re.search(rf"^hpcckpt {cmd}: error: ranks? [\d, -]+: {re.escape(str(f))}: ", stderr,
                      re.M), stderr
     assert not out.exists(), sorted(str(p) for p in out.rglob("*"))
     f.write_bytes(saved)

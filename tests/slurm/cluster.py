@@ -184,8 +184,14 @@ class Cluster:
             nodeline = (f"NodeName=n[1-{self.nodes}] NodeHostname={self.host} NodeAddr=127.0.0.1 "
                         f"Port=[{node_ports[0]}-{node_ports[-1]}] CPUs={CPUS_PER_NODE} "
                         "RealMemory=4000 State=UNKNOWN")
+        # job ids unique across test runs: MPICH names its shared-memory segments after the
+        # job step (srun's PMI), and a segment left in /dev/shm by a killed rank of an
+        # earlier cluster's job 1 would be attached by this one's (seen: MPI_Init failing
+        # in UCX's address exchange)
+        first_job_id = 1000 + (time.time_ns() // 1000 + os.getpid()) % 60_000_000
         text = f"""\
 ClusterName=hpcckpt
+FirstJobId={first_job_id}
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root

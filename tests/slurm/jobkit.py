@@ -147,7 +147,7 @@ class JobRun:
 
 def run_job(cluster, verb: str, args: list | None, work: Path, *, nodes: int = 1,
             tasks_per_node: int = 2, mpi: str = "pmi2", settings=(), sbatch=(), env=None,
-            timeout: float = 120, **opts) -> JobRun:
+            timeout: float = 300, **opts) -> JobRun:
     """Render ``jobs/<verb>.sbatch``, submit it from ``work``, wait for it to end."""
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -72,23 +72,6 @@ def test_second_box_piece_by_piece_when_the_first_fills_the_cap():
     assert calls == {"pieces": 2, "boxes": 1}  # BOTTOM: its local half, then the remote one
 
 
-def test_in_order_hashes():
-    from hpcckpt.ops.route_exec import InOrderHashes
-    from hpcckpt.ops.filecopy import checksum_of
-    data = np.arange(100, dtype=np.uint8)
-    h = InOrderHashes()
-    h.update("a", 0, data[:40])
-    h.update("a", 40, data[40:])
-    h.update("b", 0, data[:40])
-    h.update("b", 60, data[60:])  # a gap: "b" must be read back
-    h.update("c", 0, data[:50])   # incomplete
-    h.spoil("d")
-    assert h.digest("a", 100) == checksum_of(data.tobytes())
-    assert h.digest("b", 100) is None and h.digest("c", 100) is None
-    assert h.digest("d", 100) is None and h.digest("never", 100) is None
-    assert h.digest("never", 0) == checksum_of(b"")
-
-
 def _assemble(routes_in_order, local, cap: int):
     """Rank 0 receives ``routes_in_order`` (each whole, in that order) after ``local``;
     returns the bytes of TOP and BOTTOM and every buffer handed to write_box."""

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from hpcckpt.dtypes import numpy_dtype
 from hpcckpt.layout.box import Box
 from hpcckpt.layout.yaml_io import strategy_from_dict
-from hpcckpt.planning.assign import dedup_assignment
+from hpcckpt.planning.dedup import plan_dedup
 from hpcckpt.planning.outputs import (divide_writes, hf_files, hf_index, make_file,
                                       rank_file, rank_files)
 from hpcckpt.layout.tensor import TensorInfo
@@ -247,13 +247,15 @@ def test_rank_file_metadata_no_dedup(strat):
 
 
 def test_rank_file_metadata_dedup(strat):
-    assign = dedup_assignment(strat)
-    files = rank_files(strat, "p", assign)
+    plan = plan_dedup(strat, "whole")
+    assign = plan.owners()
+    files = rank_files(strat, "p", plan)
     stored = {}
     for r, f in enumerate(files):
         (n,) = struct.unpack("<Q", f.header[:8])
         meta = json.loads(f.header[8:8 + n])["__metadata__"]
         assert meta["format"] == "ms" and meta["remove_redundancy"] == "True"
+        assert meta["dedup"] == "whole"
         desc = json.loads(meta["hpcckpt"])
         assert set(desc) == {e.name for e in f.entries}
         for e in f.entries:
@@ -269,7 +271,7 @@ def test_rank_files_written_load_with_safetensors(tmp_path, strat):
     full = {"emb": np.arange(24, dtype=np.float32).reshape(6, 4),
             "w": np.arange(12, dtype=np.int64).reshape(4, 3) - 5,
             "norm": np.array([9, 8, 7, 6], dtype=np.uint8)}
-    files = rank_files(strat, "p", dedup_assignment(strat))
+    files = rank_files(strat, "p", plan_dedup(strat, "balanced", min_piece=0))
     for f in files:
         p = tmp_path / f.path
         p.parent.mkdir(parents=True, exist_ok=True)

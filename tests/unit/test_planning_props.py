@@ -16,7 +16,8 @@ from hpcckpt.dtypes import itemsize
 from hpcckpt.layout.box import Box
 from hpcckpt.layout.strategy import Strategy
 from hpcckpt.layout.yaml_io import strategy_from_dict, strategy_to_yaml
-from hpcckpt.planning.assign import balanced_cuts, dedup_assignment, lpt
+from hpcckpt.planning.assign import balanced_cuts, lpt
+from hpcckpt.planning.dedup import plan_dedup
 from hpcckpt.planning.outputs import divide_writes, hf_files, rank_files
 from hpcckpt.planning.routes import plan_routes
 from hpcckpt.planning.runs import strided_runs
@@ -203,12 +204,12 @@ def test_yaml_roundtrip_random(s: Strategy):
 @PROPS
 @given(strategies())
 def test_dedup_assigns_each_box_once_to_a_replica(s: Strategy):
-    assign = dedup_assignment(s)
+    assign = plan_dedup(s, "whole").owners()
     want = {(t.name, b): rs for t in s.tensors for b, rs in s.chunks(t.name)}
     assert set(assign) == set(want)
     for key, r in assign.items():
         assert r in want[key]
-    assert assign == dedup_assignment(s)  # deterministic
+    assert assign == plan_dedup(s, "whole").owners()  # deterministic
 
 
 # ---------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_dedup_assigns_each_box_once_to_a_replica(s: Strategy):
 @PROPS
 @given(strategies())
 def test_rank_files_store_every_element(s: Strategy):
-    for dedup in (None, dedup_assignment(s)):
+    for dedup in (None, plan_dedup(s, "whole"), plan_dedup(s, "balanced", min_piece=0)):
         files = rank_files(s, "p", dedup)
         assert len(files) == s.world_size
         counter = {t.name: np.zeros(t.shape, dtype=np.int64) for t in s.tensors}
@@ -230,7 +231,10 @@ def test_rank_files_store_every_element(s: Strategy):
                 assert e.global_shape == t.shape and e.dtype == t.dtype
                 assert e.begin == pos and e.nbytes == e.box.volume * t.itemsize
                 pos = e.end
-                assert e.box == s.box_of(e.name, r)
+                if dedup is None or dedup.mode == "whole":
+                    assert e.box == s.box_of(e.name, r)
+                else:  # a slab of the rank's box
+                    assert s.box_of(e.name, r).contains(e.box)
                 counter[e.name][sl(e.box)] += 1
         for t in s.tensors:
             if dedup is not None:
@@ -287,7 +291,7 @@ def test_divide_writes_hf_shards(s: Strategy, max_shard):
 @PROPS
 @given(strategies(max_world=16), st.booleans())
 def test_divide_writes_rank_files_one_per_rank(s: Strategy, use_dedup):
-    files = rank_files(s, "p", dedup_assignment(s) if use_dedup else None)
+    files = rank_files(s, "p", plan_dedup(s) if use_dedup else None)
     world = s.world_size
     pieces = divide_writes(files, world)
     per_rank = _check_pieces(files, pieces, world)
@@ -351,7 +355,8 @@ def test_reshard_sources_tile_destination(pair):
 @PROPS
 @given(strategies())
 def test_dedup_source_and_group_chunks(s: Strategy):
-    assign = dedup_assignment(s)
+    plan = plan_dedup(s, "whole")
+    assign = plan.owners()
 
     def holds(r, name):
         box = s.box_of(name, r)
@@ -359,7 +364,7 @@ def test_dedup_source_and_group_chunks(s: Strategy):
 
     src = strategy_source(s, _file_of_rank, holds)
     src.check_complete("dedup")
-    files = rank_files(s, "p", assign)
+    files = rank_files(s, "p", plan)
     grouped = group_chunks((e.name, e.box, f.path) for f in files for e in f.entries)
     for t in s.tensors:
         chunks = src.chunks(t.name)

@@ -27,7 +27,7 @@ from hpcckpt.layout.box import Box
 from hpcckpt.layout.strategy import Strategy
 from hpcckpt.planning import route_plans
 from hpcckpt.planning.route_plans import plan_load, plan_reshard_state
-from hpcckpt.planning.assign import dedup_assignment
+from hpcckpt.planning.dedup import plan_dedup
 from hpcckpt.planning.outputs import rank_files
 from hpcckpt.planning.routes import RoutePlan
 from hpcckpt.layout.tensor import TensorInfo
@@ -49,7 +49,7 @@ def _file_of_rank(r: int) -> str:
 
 
 def _dedup_holds(s: Strategy):
-    assign = dedup_assignment(s)
+    assign = plan_dedup(s, "whole").owners()
 
     def holds(r: int, name: str) -> bool:
         box = s.box_of(name, r)
@@ -75,7 +75,7 @@ def plan_node_local(source, src_world: int, b: Strategy, dedup: bool, size: int,
                     rank: int) -> RoutePlan:
     """reshard_node_local's planning inputs for one rank, with source rank directory d
     on job rank d % size (as the tests and job templates place them)."""
-    assignment = dedup_assignment(b) if dedup else None
+    assignment = plan_dedup(b, "whole") if dedup else None
     here = {d for d in range(src_world) if d % size == rank}
     provided = [(name, c.box) for name in source.tensors for c in source.chunks(name)
                 if here.intersection(c.rank_dirs())]
@@ -83,7 +83,7 @@ def plan_node_local(source, src_world: int, b: Strategy, dedup: bool, size: int,
             for e in f.entries]
     return route_plans.plan_node_local(source, b, rank, size,
                                     {d: [d % size] for d in range(src_world)}, provided, mine,
-                                    assignment)
+                                    assignment.owners() if assignment else None)
 
 
 # ---------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_node_local_plan(pair, size, src_dedup, dst_dedup):
     a, b = pair
     source = _source(a, "dedup" if src_dedup else "full")
     plans = [plan_node_local(source, a.world_size, b, dst_dedup, size, r) for r in range(size)]
-    assignment = dedup_assignment(b) if dst_dedup else None
+    assignment = plan_dedup(b, "whole").owners() if dst_dedup else None
     needs: dict[int, set] = {}
     for d in range(b.world_size):
         for t, x in b.rank_boxes(d):
