@@ -294,13 +294,30 @@ NEEDS_SAVE = pytest.mark.skipif(not _has_save(), reason="needs training director
                                 "`hpcckpt save` (save manager, issue 10): not in this build")
 
 
+#: a training save runs one rank per strategy rank (s.yaml has 4)
+SAVE_RANKS = 4
+
+
 def _saved(pristine: Path, tmp_path: Path, steps: int = 2) -> Path:
     """A training directory with ``steps`` committed steps (1_1, 1_2, ...) of real weights."""
     out = tmp_path / "train"
     p, codes, _ = run(["save", out, "--strategy", pristine / "s.yaml", "--from",
-                       pristine / "hf", "--steps", str(steps), "--no-fsync"], n=2)
-    assert codes == {0: 0, 1: 0}, p.stdout + p.stderr
+                       pristine / "hf", "--steps", str(steps), "--no-fsync"], n=SAVE_RANKS)
+    assert codes == {r: 0 for r in range(SAVE_RANKS)}, p.stdout + p.stderr
     return out
+
+
+def _merged_step(train: Path, tmp_path: Path, step: str) -> Path:
+    """A committed step merged to complete weights, before any damage: the reference."""
+    out = tmp_path / f"ref_{step}"
+    p, codes, _ = run(["merge", train, out, "--step", step])
+    assert codes == {0: 0}, p.stderr
+    return out / "model.safetensors"
+
+
+def _report_head(p) -> str:
+    """verify's first report line (the ranks' exit lines may come before it on stdout)."""
+    return next(line for line in p.stdout.splitlines() if not line.startswith("@@rank-exit"))
 
 
 def _records(train: Path) -> list[Path]:
@@ -311,14 +328,15 @@ def _records(train: Path) -> list[Path]:
 def test_training_dir_missing_last_record_falls_back(pristine, tmp_path):
     train = _saved(pristine, tmp_path)
     first, last = _records(train)
+    ref = _merged_step(train, tmp_path, "1_1")     # each pretend step changes the weights
     last.unlink()                                  # the newest step never committed
     p, codes, _ = run(["verify", train], n=2)
     assert codes == {0: 0, 1: 0}, p.stdout + p.stderr
-    assert f"step 1_1 ({first.parent.name}/{first.name})" in p.stdout.splitlines()[0]
+    assert f"step 1_1 ({first.parent.name}/{first.name})" in _report_head(p), p.stdout
     out = tmp_path / "merged"
     p, codes, _ = run(["merge", train, out])
     assert codes == {0: 0}, p.stderr
-    assert _same_tensors(pristine / "hf" / "model.safetensors", out / "model.safetensors")
+    assert _same_tensors(ref, out / "model.safetensors")
 
 
 @NEEDS_SAVE
@@ -327,13 +345,14 @@ def test_training_dir_corrupt_last_record(pristine, tmp_path):
     verify reports it; readers use the previous committed step or refuse, never garbage."""
     train = _saved(pristine, tmp_path)
     first, last = _records(train)
+    ref = _merged_step(train, tmp_path, "1_1")
     last.write_bytes(last.read_bytes()[:20])
     problems, _ = verify_problems(train)
     assert [p["kind"] for p in problems] in (["manifest"], ["uncommitted"]), problems
     out = tmp_path / "merged"
     p, codes, _ = run(["merge", train, out])
     if codes == {0: 0}:
-        assert _same_tensors(pristine / "hf" / "model.safetensors", out / "model.safetensors")
+        assert _same_tensors(ref, out / "model.safetensors")
     else:
         assert last.name in p.stderr, p.stderr
 
@@ -345,7 +364,7 @@ def test_torn_latest_pointer_is_old_or_new(pristine, tmp_path):
     p, codes, _ = run(["verify", train], n=2)
     assert codes == {0: 0, 1: 0}, p.stdout + p.stderr
     last = _records(train)[-1]
-    assert f"({last.parent.name}/{last.name})" in p.stdout.splitlines()[0]
+    assert f"({last.parent.name}/{last.name})" in _report_head(p), p.stdout
 
 
 # ---- malicious headers ------------------------------------------------------------------
@@ -533,7 +552,7 @@ def test_kill9_one_rank_mid_save(pristine, tmp_path):
     train = tmp_path / "train"
     args = ["save", train, "--strategy", pristine / "s.yaml", "--from", pristine / "hf",
             "--steps", "2", "--no-fsync"]
-    p, codes, seconds = run(args, n=2, env={"HPCCKPT_FAULT": "write@1:2"})
+    p, codes, seconds = run(args, n=SAVE_RANKS, env={"HPCCKPT_FAULT": "write@1:2"})
     assert p.returncode != 0 and codes.get(1) is None, p.stdout + p.stderr
     assert seconds < 30, f"the job took {seconds:.1f} s to end after a rank was killed"
     assert [r.name.split("-", 1)[1] for r in _records(train)] == ["1_1.json"]
