@@ -11,6 +11,11 @@ the job.
 
 Every rank computes the same division from the same list, without communication.
 
+``--shard I/N`` (a SLURM job array: one job per shard) first cuts the same byte stream
+into ``N`` balanced shards by the same rule (``shard_items``); the job's ranks then divide
+shard ``I`` among themselves. Shards count from 0 (``SLURM_ARRAY_TASK_ID -
+SLURM_ARRAY_TASK_MIN``); together they read every byte exactly once.
+
 Example:
     >>> items = [CheckItem("a.st", "w", Box((0,), (8,)), 4, None, 0, 32)]
     >>> [len(p) for p in divide_checks(items, 2, piece_bytes=16)]
@@ -90,6 +95,45 @@ def divide_checks(items: list[CheckItem], world: int,
         out[r].append(p)
         pos += p.nbytes
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` of ``count`` (``--shard I/N``, counted from 0).
+
+    Example:
+        >>> Shard.parse("1/4")
+        Shard(index=1, count=4)
+    """
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` -> ``Shard(I, N)``; ValueError with the message the CLI prints."""
+        i, sep, n = text.partition("/")
+        if not sep or not i.strip().isdigit() or not n.strip().isdigit():
+            raise ValueError(f"--shard {text!r}: expected I/N, shard I of N counted from 0 "
+                             "(e.g. 0/4)")
+        index, count = int(i), int(n)
+        if count < 1:
+            raise ValueError(f"--shard {text}: the shard count N must be at least 1")
+        if index >= count:
+            raise ValueError(f"--shard {text}: shard {index} out of range 0..{count - 1} "
+                             "(shards count from 0)")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_items(items: list[CheckItem], shard: Shard,
+                piece_bytes: int = 64 << 20) -> list[CheckItem]:
+    """The items (pieces) of shard ``shard.index``: ``divide_checks`` over ``shard.count``
+    shards instead of ranks. Pass the result to ``divide_checks`` for the job's ranks
+    (pieces are already at most ``piece_bytes``: they are not cut again)."""
+    return divide_checks(items, shard.count, piece_bytes)[shard.index]
 
 
 def divide_files(files: list[str], reads: list[list[CheckItem]], world: int) -> list[list[str]]:
