@@ -82,19 +82,25 @@ def divide_checks(items: list[CheckItem], world: int,
     Every byte of every item lands on exactly one rank; a rank's total differs from
     ``total / world`` by less than the largest unsplittable item.
     """
+    out: list[list[CheckItem]] = [[] for _ in range(world)]
+    for r, p in _owners(items, world, piece_bytes):
+        out[r].append(p)
+    return out
+
+
+def _owners(items: list[CheckItem], parts: int, piece_bytes: int):
+    """``(part, piece)`` for every piece of ``items``: the part of ``parts`` balanced
+    contiguous parts of the byte stream that owns the piece's middle byte."""
     pieces = [p for it in items for p in split_pieces(it, piece_bytes)]
     total = sum(p.nbytes for p in pieces)
-    out: list[list[CheckItem]] = [[] for _ in range(world)]
     pos = 0
     for i, p in enumerate(pieces):
         if total:
             mid2 = 2 * pos + p.nbytes      # twice the middle byte: integers only
-            r = min(world - 1, mid2 * world // (2 * total))
+            yield min(parts - 1, mid2 * parts // (2 * total)), p
         else:   # nothing to read (all chunks empty): spread the header checks
-            r = i % world
-        out[r].append(p)
+            yield i % parts, p
         pos += p.nbytes
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +139,8 @@ def shard_items(items: list[CheckItem], shard: Shard,
     """The items (pieces) of shard ``shard.index``: ``divide_checks`` over ``shard.count``
     shards instead of ranks. Pass the result to ``divide_checks`` for the job's ranks
     (pieces are already at most ``piece_bytes``: they are not cut again)."""
-    return divide_checks(items, shard.count, piece_bytes)[shard.index]
+    # not divide_checks(...)[index]: N may be large (one list per shard for nothing)
+    return [p for r, p in _owners(items, shard.count, piece_bytes) if r == shard.index]
 
 
 def divide_files(files: list[str], reads: list[list[CheckItem]], world: int) -> list[list[str]]:

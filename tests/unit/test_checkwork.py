@@ -148,3 +148,13 @@ def test_shard_parse():
         with pytest.raises(ValueError) as e:
             Shard.parse(text)
         assert str(e.value) == msg
+
+
+def test_shard_items_many_shards():
+    """A huge N costs nothing (no list per shard); the last shard holds the last byte."""
+    from hpcckpt.planning.checkwork import Shard, shard_items
+    items = [item("a", 4, hashed=True), item("b", 4, hashed=True, name="u")]
+    n = 10 ** 12
+    assert shard_items(items, Shard(0, n)) == []
+    assert [p.tensor for p in shard_items(items, Shard(n // 4, n))] == ["t"]
+    assert [p.tensor for p in shard_items(items, Shard(3 * n // 4, n))] == ["u"]
