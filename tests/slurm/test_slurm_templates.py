@@ -112,7 +112,8 @@ def test_verify_job_array(cluster, work):
     # shards together read every stored byte once
     summaries = []
     for i in range(3):
-        info = cluster.job(f"{run.job_id.split('_')[0]}_{i}")
+        # run_job waited for one task; the others may still be pending (one node)
+        info = cluster.wait(f"{run.job_id.split('_')[0]}_{i}", timeout=300)
         assert info["JobState"] == "COMPLETED", info
         summary = logs / f"hpcckpt-verify-{run.job_id.split('_')[0]}_{i}.json"
         summaries.append(json.loads(summary.read_text()))
