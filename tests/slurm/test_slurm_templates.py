@@ -121,6 +121,18 @@ def test_verify_job_array(cluster, work):
                                                           ("2/3", True)]
     whole = hpcckpt.verify(str(dist), None)
     assert sum(s["bytes_checked"] for s in summaries) == whole.bytes_checked > 0
+    # a flipped bit in the last stored byte: the last shard's task fails (status 1), the
+    # others complete
+    from hpcckpt.storage.manifest import read_manifest
+    bad = copy_tree(dist, d / "dist_tp3_flipped_array")
+    f = bad / read_manifest(bad).files[-1]
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0x01
+    f.write_bytes(bytes(raw))
+    run = run_job(cluster, "verify", [bad, "--deep"], d, array="0-2")
+    infos = [cluster.wait(f"{run.job_id.split('_')[0]}_{i}", timeout=300) for i in range(3)]
+    assert [(i["JobState"], i["ExitCode"]) for i in infos] == \
+        [("COMPLETED", "0:0"), ("COMPLETED", "0:0"), ("FAILED", "1:0")], infos
 
 
 def test_convert_job(cluster, work):
