@@ -28,8 +28,8 @@ from hpcckpt.formats.safetensors import build_header, read_header
 from hpcckpt.storage.manifest import read_manifest
 from hpcckpt.units import format_bytes
 
-from helpers import (DTYPES, _kill_group, assert_bytes_equal, clean_env, find_mpiexec,
-                     make_tensors, run_cli)
+from helpers import (DTYPES, RANK_EXIT_WRAP, _kill_group, assert_bytes_equal, clean_env,
+                     find_mpiexec, make_tensors, run_cli)
 
 FMT = "hpcckpt.strategy/1"
 TIMEOUT = 60
@@ -168,28 +168,10 @@ def has_error(p: subprocess.CompletedProcess, line: str) -> None:
     assert line in p.stderr.splitlines(), f"want line:\n{line}\n--- stderr was:\n{p.stderr}"
 
 
-# Runs hpcckpt's main() in each rank and reports that rank's exit status, so a test can
-# see that EVERY rank exits non-zero (mpiexec's own status is an aggregate). The report
-# goes to stdout in one write, so it cannot split rank 0's error line on stderr.
-_WRAP = r"""
-import sys
-from hpcckpt.cli.main import main
-try:
-    rc = main(sys.argv[1:])
-except SystemExit as e:
-    rc = e.code if isinstance(e.code, int) else 1
-import os
-from mpi4py import MPI
-sys.stdout.flush()
-os.write(1, f"@@rank-exit {MPI.COMM_WORLD.Get_rank()} {rc}\n".encode())
-sys.exit(rc)
-"""
-
-
 def run_ranks(args, n: int, timeout: float = TIMEOUT, prelude: str = ""):
     """``mpiexec -n n`` hpcckpt ARGS; returns (CompletedProcess, {rank: exit code}, seconds).
     ``prelude`` is Python run in every rank first (fault injection)."""
-    cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-c", prelude + _WRAP,
+    cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-c", prelude + RANK_EXIT_WRAP,
            *map(os.fspath, args)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
