@@ -1,4 +1,5 @@
 """hpcckpt verify PATH [--strategy S] [--step E_S] [--against OTHER] [--quick|--deep] [--finite]
+               [--shard I/N]
 
 Exit status: 0 nothing found, 1 problems found, 2 unusable input or usage (argparse
 also exits 2). Every rank exits with the same status.
@@ -19,6 +20,7 @@ mpiexec -n 8 hpcckpt verify dist/                       # deep: every byte, ever
 hpcckpt verify dist/ --quick                            # sizes, headers, coverage; no data read
 mpiexec -n 4 hpcckpt verify ckpt_dir/ --step 1_1000     # a training directory's step
 mpiexec -n 4 hpcckpt verify dist/ --against hf_model/ --atol 1e-3 --json
+mpiexec -n 8 hpcckpt verify dist/ --shard 2/16          # one job of an array of 16
 """)
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNUSABLE = 0, 1, 2
 
@@ -44,6 +46,10 @@ def register(sub) -> None:
     g.add_argument("--deep", action="store_true",
                    help="also read every stored byte: checksums, replicas (the default)")
     p.add_argument("--finite", action="store_true", help="also scan floating tensors for NaN/Inf")
+    p.add_argument("--shard", metavar="I/N",
+                   help="read only shard I of N (from 0) of the stored bytes, for a job array "
+                        "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN); shard 0 also reports "
+                        "the per-checkpoint checks (commit record, headers, coverage)")
     p.add_argument("--buffer-size", type=parse_size, default=8 << 20, metavar="SIZE",
                    help="read buffer per rank (default 8.00 MiB)")
     add_output_options(p, reads_only=True)
@@ -55,7 +61,15 @@ def run(args, comm):
     (``SystemExit``: the root's 0/1 convention has no room for "problems found")."""
     from ..layout.loader import load_strategy
     from ..ops.verify import verify   # on use: start-up is every rank's wall time
+    from ..planning.checkwork import Shard
     try:
+        shard = None
+        if args.shard is not None:
+            from ..errors import UsageError
+            try:
+                shard = Shard.parse(args.shard)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if args.quick and (args.finite or args.against):
             from ..errors import UsageError
             raise UsageError("--quick reads no tensor byte: it cannot be combined with "
@@ -69,7 +83,7 @@ def run(args, comm):
         report = verify(args.path, comm, strategy=strategy, step=args.step,
                         deep=not args.quick, finite=args.finite, against=args.against,
                         against_strategy=other, atol=args.atol, rtol=args.rtol,
-                        buffer_size=args.buffer_size)
+                        buffer_size=args.buffer_size, shard=shard)
     except HpcckptError as e:
         if comm.rank == 0:
             msg = str(e)
@@ -93,7 +107,8 @@ def run(args, comm):
 def render(report) -> str:
     """The per-rank table, then the problems, then the verdict (last line)."""
     lines = [f"verify {report.mode}: {report.path} ({report.kind}, "
-             f"{report.extra.get('files_total', 0)} file(s)) on {report.world_size} rank(s)",
+             f"{report.extra.get('files_total', 0)} file(s)) on {report.world_size} rank(s)"
+             + (f", shard {report.extra['shard']}" if "shard" in report.extra else ""),
              f"  {'rank':>4} {'files':>6} {'checked':>12} {'seconds':>8} {'GB/s':>6} "
              f"{'problems':>8}"]
     for r in report.per_rank:

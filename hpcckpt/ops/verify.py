@@ -41,7 +41,8 @@ from ..formats.safetensors import TensorEntry as Entry, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.tensor import TensorInfo
-from ..planning.checkwork import CheckItem, divide_checks, divide_round_robin, tiles_as_grid
+from ..planning.checkwork import (CheckItem, Shard, divide_checks, divide_round_robin,
+                                  shard_items, tiles_as_grid)
 from ..planning.runs import flat_range_to_boxes, strided_runs
 from ..planning.sources import check_tensor_chunks, group_chunks
 from ..storage.chunkio import ChunkReader
@@ -738,7 +739,8 @@ def _compare_window(ag: Against, it: CheckItem, dtype: str, view: memoryview, po
 def verify(path: str, comm: Comm, *, strategy: Strategy | None = None, step: str | None = None,
            deep: bool = True, finite: bool = False, against: str | None = None,
            against_strategy: Strategy | None = None, atol: float | None = None,
-           rtol: float | None = None, buffer_size: int = DEFAULT_READ_BUFFER) -> VerifyReport:
+           rtol: float | None = None, buffer_size: int = DEFAULT_READ_BUFFER,
+           shard: Shard | None = None) -> VerifyReport:
     """Verify a checkpoint with every rank of ``comm`` checking its share.
 
     Args:
@@ -751,6 +753,9 @@ def verify(path: str, comm: Comm, *, strategy: Strategy | None = None, step: str
         against: another checkpoint (any kind and layout) to compare every element with.
         atol, rtol: tolerances of that comparison (default: bit-exact).
         buffer_size: read buffer per rank.
+        shard: read only this shard of the stored bytes (``--shard I/N``, a job array);
+            the checks that are not per byte (commit record, files and headers, coverage,
+            tensor sets) are reported by shard 0 only.
     Returns:
         The same ``VerifyReport`` on every rank; ``report.ok`` when nothing was found.
     Raises:
@@ -776,7 +781,8 @@ def verify(path: str, comm: Comm, *, strategy: Strategy | None = None, step: str
     problems: list[Problem] = list(target.problems) if rank == 0 else []
     steps = {"open": round(time.perf_counter() - t0, 4)}
     try:
-        return _run(target, comm, problems, deep, finite, ag, buffer_size, t0, path, steps)
+        return _run(target, comm, problems, deep, finite, ag, buffer_size, t0, path, steps,
+                    shard)
     finally:
         if ag is not None:
             ag.reader.close()
@@ -784,8 +790,9 @@ def verify(path: str, comm: Comm, *, strategy: Strategy | None = None, step: str
 
 def _run(target: Target, comm: Comm, problems: list[Problem], deep: bool, finite: bool,
          ag: Against | None, buffer_size: int, t0: float, path: str,
-         steps: dict[str, float]) -> VerifyReport:
+         steps: dict[str, float], shard: Shard | None = None) -> VerifyReport:
     rank, size = comm.rank, comm.size
+    first_shard = shard is None or shard.index == 0
 
     def lap(name: str) -> None:
         steps[name] = round(time.perf_counter() - t0 - sum(steps.values()), 4)
@@ -814,11 +821,13 @@ def _run(target: Target, comm: Comm, problems: list[Problem], deep: bool, finite
                     problems.append(Problem(p.kind, p.message, p.file, p.tensor, p.box,
                                             p.byte_range, rank))
     lap("coverage")
+    if not first_shard:   # shard 0 reports the per-checkpoint checks; the headers are still
+        problems.clear()  # read here: the division of the bytes into shards needs them
     complete = target.coverage is None and target.kind.startswith("complete")
     if complete or deep:   # every rank needs every header's entries
         for part in comm.allgather(entries):
             entries.update(part)
-    if complete and rank == 0:
+    if complete and rank == 0 and first_shard:
         problems += _complete_consistency(target, entries)
     read_bytes, hashes, files_read = 0, {}, 0
     if deep:
@@ -826,13 +835,14 @@ def _run(target: Target, comm: Comm, problems: list[Problem], deep: bool, finite
             all_expect = target.expect(set(files))
             items, begins = build_items(target, entries, all_expect, rank)
             dtypes = {e.name: e.dtype for ents in entries.values() for e in ents}
-            mine_items = divide_checks(items, size)[rank]
+            mine_items = divide_checks(shard_items(items, shard) if shard else items,
+                                       size)[rank]
             files_read = len({it.file for it in mine_items})
             found, read_bytes, hashes = check_items(target.root, mine_items, begins, dtypes,
                                                     rank, buffer_size, finite, ag)
             problems += found
         lap("read")
-        if ag is not None and rank == 0:
+        if ag is not None and rank == 0 and first_shard:
             problems += _tensor_set_differences(entries, target, ag)
     seconds = time.perf_counter() - t0
     row = {"rank": rank, "files": files_read if deep else len(mine), "bytes_checked": read_bytes,
@@ -850,6 +860,7 @@ def _run(target: Target, comm: Comm, problems: list[Problem], deep: bool, finite
     total = comm.allreduce_max(time.perf_counter() - t0)
     return VerifyReport(path, target.kind, "deep" if deep else "quick", size, total, rows,
                         tuple(allp), {"files_total": len(files),
+                                      **({"shard": str(shard)} if shard else {}),
                                       **({"against": ag.path} if ag is not None else {})})
 
 

@@ -11,6 +11,11 @@ the job.
 
 Every rank computes the same division from the same list, without communication.
 
+``--shard I/N`` (a SLURM job array: one job per shard) first cuts the same byte stream
+into ``N`` balanced shards by the same rule (``shard_items``); the job's ranks then divide
+shard ``I`` among themselves. Shards count from 0 (``SLURM_ARRAY_TASK_ID -
+SLURM_ARRAY_TASK_MIN``); together they read every byte exactly once.
+
 Example:
     >>> items = [CheckItem("a.st", "w", Box((0,), (8,)), 4, None, 0, 32)]
     >>> [len(p) for p in divide_checks(items, 2, piece_bytes=16)]
@@ -77,19 +82,65 @@ def divide_checks(items: list[CheckItem], world: int,
     Every byte of every item lands on exactly one rank; a rank's total differs from
     ``total / world`` by less than the largest unsplittable item.
     """
+    out: list[list[CheckItem]] = [[] for _ in range(world)]
+    for r, p in _owners(items, world, piece_bytes):
+        out[r].append(p)
+    return out
+
+
+def _owners(items: list[CheckItem], parts: int, piece_bytes: int):
+    """``(part, piece)`` for every piece of ``items``: the part of ``parts`` balanced
+    contiguous parts of the byte stream that owns the piece's middle byte."""
     pieces = [p for it in items for p in split_pieces(it, piece_bytes)]
     total = sum(p.nbytes for p in pieces)
-    out: list[list[CheckItem]] = [[] for _ in range(world)]
     pos = 0
     for i, p in enumerate(pieces):
         if total:
             mid2 = 2 * pos + p.nbytes      # twice the middle byte: integers only
-            r = min(world - 1, mid2 * world // (2 * total))
+            yield min(parts - 1, mid2 * parts // (2 * total)), p
         else:   # nothing to read (all chunks empty): spread the header checks
-            r = i % world
-        out[r].append(p)
+            yield i % parts, p
         pos += p.nbytes
-    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` of ``count`` (``--shard I/N``, counted from 0).
+
+    Example:
+        >>> Shard.parse("1/4")
+        Shard(index=1, count=4)
+    """
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` -> ``Shard(I, N)``; ValueError with the message the CLI prints."""
+        i, sep, n = text.partition("/")
+        if not sep or not i.strip().isdigit() or not n.strip().isdigit():
+            raise ValueError(f"--shard {text!r}: expected I/N, shard I of N counted from 0 "
+                             "(e.g. 0/4)")
+        index, count = int(i), int(n)
+        if count < 1:
+            raise ValueError(f"--shard {text}: the shard count N must be at least 1")
+        if index >= count:
+            raise ValueError(f"--shard {text}: shard {index} out of range 0..{count - 1} "
+                             "(shards count from 0)")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_items(items: list[CheckItem], shard: Shard,
+                piece_bytes: int = 64 << 20) -> list[CheckItem]:
+    """The items (pieces) of shard ``shard.index``: ``divide_checks`` over ``shard.count``
+    shards instead of ranks. Pass the result to ``divide_checks`` for the job's ranks
+    (pieces are already at most ``piece_bytes``: they are not cut again)."""
+    # not divide_checks(...)[index]: N may be large (one list per shard for nothing)
+    return [p for r, p in _owners(items, shard.count, piece_bytes) if r == shard.index]
 
 
 def divide_files(files: list[str], reads: list[list[CheckItem]], world: int) -> list[list[str]]:

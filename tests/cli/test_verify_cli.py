@@ -155,3 +155,61 @@ def test_every_rank_exits_1_on_problems(ckpt, tmp_path):
     assert sorted(ln for ln in p.stdout.splitlines() if ln.startswith("@@")) == \
         ["@@0=1", "@@1=1", "@@2=1"], p.stdout + p.stderr
     assert "missing: rank_2/model_rank_2.safetensors: file not found (rank 2)" in p.stdout
+
+
+def _shard_runs(d: Path, count: int, n: int = 2) -> list[tuple[int, dict]]:
+    out = []
+    for i in range(count):
+        p = run_cli(["verify", d, "--shard", f"{i}/{count}", "--json"], n=n)
+        assert p.returncode in (0, 1), p.stderr
+        out.append((p.returncode, json.loads(p.stdout)))
+    return out
+
+
+def test_shards_read_every_byte_once(ckpt):
+    whole = json.loads(run_cli(["verify", ckpt / "dist", "--json"]).stdout)
+    runs = _shard_runs(ckpt / "dist", 3)
+    assert [(code, r["shard"], r["ok"]) for code, r in runs] == \
+        [(0, "0/3", True), (0, "1/3", True), (0, "2/3", True)]
+    assert all(r["bytes_checked"] > 0 for _, r in runs)
+    assert sum(r["bytes_checked"] for _, r in runs) == whole["bytes_checked"]
+    p = run_cli(["verify", ckpt / "dist", "--shard", "1/3"], n=2)
+    assert p.stdout.splitlines()[0] == \
+        f"verify deep: {ckpt / 'dist'} (distributed, 4 file(s)) on 2 rank(s), shard 1/3"
+
+
+@pytest.mark.parametrize("which, finder", [(0, 0), (-1, 2)])
+def test_flipped_bit_found_by_its_shard_only(ckpt, tmp_path, which, finder):
+    """The first file's first data byte is in shard 0, the last file's last byte in the
+    last shard: exactly that shard reports the checksum, the others are clean."""
+    d = copy(ckpt, tmp_path)
+    rel = read_manifest(d).files[which]
+    f = d / rel
+    raw = bytearray(f.read_bytes())
+    pos = read_header(f).data_start if which == 0 else len(raw) - 1
+    raw[pos] ^= 0x10
+    f.write_bytes(bytes(raw))
+    runs = _shard_runs(d, 3)
+    assert [code for code, _ in runs] == [1 if i == finder else 0 for i in range(3)]
+    (prob,) = runs[finder][1]["problems"]
+    assert (prob["kind"], prob["file"]) == ("checksum", str(rel))
+
+
+def test_per_checkpoint_checks_in_shard_0_only(ckpt, tmp_path):
+    d = copy(ckpt, tmp_path)
+    (d / "rank_3" / "model_rank_3.safetensors").unlink()
+    runs = _shard_runs(d, 2)
+    assert [code for code, _ in runs] == [1, 0]
+    assert [(p["kind"], p["file"]) for p in runs[0][1]["problems"]] == \
+        [("missing", "rank_3/model_rank_3.safetensors")]
+
+
+@pytest.mark.parametrize("shard, message", [
+    ("3/3", "--shard 3/3: shard 3 out of range 0..2 (shards count from 0)"),
+    ("0/0", "--shard 0/0: the shard count N must be at least 1"),
+    ("1of3", "--shard '1of3': expected I/N, shard I of N counted from 0 (e.g. 0/4)"),
+])
+def test_shard_errors(ckpt, shard, message):
+    p = run_cli(["verify", ckpt / "dist", "--shard", shard], n=2)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.splitlines() == [f"hpcckpt verify: error: {message}"]

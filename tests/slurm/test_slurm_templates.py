@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import hpcckpt
+
 from cluster import start_cluster
 from jobkit import (FULL, check_merged, copy_tree, has_verb, preempt_training,
                     ok, reference_reshard, reference_split, run_job, same_tree, verb_help,
@@ -104,13 +106,33 @@ def test_verify_job_array(cluster, work):
                     "verify job array not run")
     d = work["dir"]
     logs = d / "logs"
-    run = run_job(cluster, "verify", [_need(d / "dist_tp3", "reshard's output"), "--deep"], d,
-                  array="0-2")
-    # the array's tasks: each verified its shard and left its own summary
+    dist = _need(d / "dist_tp3", "reshard's output")
+    run = run_job(cluster, "verify", [dist, "--deep"], d, array="0-2")
+    # the array's tasks: each verified its shard (0-based) and left its own summary; the
+    # shards together read every stored byte once
+    summaries = []
     for i in range(3):
-        info = cluster.job(f"{run.job_id.split('_')[0]}_{i}")
+        # run_job waited for one task; the others may still be pending (one node)
+        info = cluster.wait(f"{run.job_id.split('_')[0]}_{i}", timeout=300)
         assert info["JobState"] == "COMPLETED", info
-        assert (logs / f"hpcckpt-verify-{run.job_id.split('_')[0]}_{i}.json").exists()
+        summary = logs / f"hpcckpt-verify-{run.job_id.split('_')[0]}_{i}.json"
+        summaries.append(json.loads(summary.read_text()))
+    assert [(s["shard"], s["ok"]) for s in summaries] == [("0/3", True), ("1/3", True),
+                                                          ("2/3", True)]
+    whole = hpcckpt.verify(str(dist), None)
+    assert sum(s["bytes_checked"] for s in summaries) == whole.bytes_checked > 0
+    # a flipped bit in the last stored byte: the last shard's task fails (status 1), the
+    # others complete
+    from hpcckpt.storage.manifest import read_manifest
+    bad = copy_tree(dist, d / "dist_tp3_flipped_array")
+    f = bad / read_manifest(bad).files[-1]
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0x01
+    f.write_bytes(bytes(raw))
+    run = run_job(cluster, "verify", [bad, "--deep"], d, array="0-2")
+    infos = [cluster.wait(f"{run.job_id.split('_')[0]}_{i}", timeout=300) for i in range(3)]
+    assert [(i["JobState"], i["ExitCode"]) for i in infos] == \
+        [("COMPLETED", "0:0"), ("COMPLETED", "0:0"), ("FAILED", "1:0")], infos
 
 
 def test_convert_job(cluster, work):

@@ -115,3 +115,46 @@ def test_tiles_as_grid_is_sound(case):
         assert all(o + z <= s for o, z, s in zip(offs, sizes, shape))
         count[tuple(slice(o, o + z) for o, z in zip(offs, sizes))] += 1
     assert (count == 1).all()
+
+
+@PROPS
+@given(workloads(), st.integers(1, 7))
+def test_shards_cover_every_byte_once(w, count):
+    """Shards 0..N-1, each divided among its job's ranks, read every byte exactly once."""
+    from hpcckpt.planning.checkwork import Shard, shard_items
+    items, world, piece = w
+    seen: dict[str, list[int]] = {it.tensor: [0] * it.nbytes for it in items}
+    for i in range(count):
+        for part in divide_checks(shard_items(items, Shard(i, count), piece), world,
+                                  piece_bytes=piece):
+            for p in part:
+                if p.hashed:
+                    assert p.whole
+                for b in range(p.lo, p.hi):
+                    seen[p.tensor][b] += 1
+    assert all(c == 1 for counts in seen.values() for c in counts)
+
+
+def test_shard_parse():
+    import pytest
+    from hpcckpt.planning.checkwork import Shard
+    assert Shard.parse("0/1") == Shard(0, 1) and str(Shard.parse("3/4")) == "3/4"
+    for text, msg in [
+        ("4/4", "--shard 4/4: shard 4 out of range 0..3 (shards count from 0)"),
+        ("0/0", "--shard 0/0: the shard count N must be at least 1"),
+        ("1", "--shard '1': expected I/N, shard I of N counted from 0 (e.g. 0/4)"),
+        ("-1/4", "--shard '-1/4': expected I/N, shard I of N counted from 0 (e.g. 0/4)"),
+        ("a/b", "--shard 'a/b': expected I/N, shard I of N counted from 0 (e.g. 0/4)")]:
+        with pytest.raises(ValueError) as e:
+            Shard.parse(text)
+        assert str(e.value) == msg
+
+
+def test_shard_items_many_shards():
+    """A huge N costs nothing (no list per shard); the last shard holds the last byte."""
+    from hpcckpt.planning.checkwork import Shard, shard_items
+    items = [item("a", 4, hashed=True), item("b", 4, hashed=True, name="u")]
+    n = 10 ** 12
+    assert shard_items(items, Shard(0, n)) == []
+    assert [p.tensor for p in shard_items(items, Shard(n // 4, n))] == ["t"]
+    assert [p.tensor for p in shard_items(items, Shard(3 * n // 4, n))] == ["u"]
