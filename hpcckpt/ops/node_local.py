@@ -59,7 +59,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
             local_dirs = sorted(rank_dirs(my_in))
         # the model directory's non-weight files go along: rank 0 reads and checks its
         # own node's copy, the records carry them into every OUT beside its manifest
-        carried = (model_files.read_carried(my_in, inp.manifest.model_files)
+        carried = (model_files.read_carried(inp.root, inp.manifest.model_files)
                    if comm.rank == 0 and inp.manifest is not None else [])
     dir_holders: dict[int, list[int]] = {}
     if simulated:

@@ -264,3 +264,25 @@ def test_node_local_reshard_refuses_a_changed_carried_file(minilm, dist, tmp_pat
         f"bytes with checksum {got}; the manifest records {want['size']} bytes, "
         f"{want['checksum']}")
     assert not (tmp_path / "out0").exists() and not (tmp_path / "out1").exists()
+
+
+def test_save_from_a_model_directory_carries_its_files_to_every_step(minilm, tmp_path):
+    """`hpcckpt save --from HF_DIR` (CheckpointManager's hf_dir): the files are copied once
+    into the training directory and every step's record lists them; `merge --step` of
+    any step writes them back."""
+    tp2 = write_strategy(tmp_path / "tp2.yaml", strategy_for(minilm, {"tp": 2}))
+    out = tmp_path / "train" / "checkpoint"
+    p = ok(run_cli(["save", out, "--strategy", tp2, "--from", minilm, "--steps", "2",
+                    "--keep-max", "0", "--no-fsync", "--json"], n=2, timeout=TIMEOUT))
+    assert json.loads(p.stdout)["model_files"] == 8
+    others = {n: b for n, b in tree(minilm).items() if n != "model.safetensors"}
+    assert tree(out / "model_files") == others
+    records = sorted((out / "commits").glob("*.json"))
+    assert len(records) == 2
+    for rec in records:
+        assert sorted(json.loads(rec.read_text())["model_files"]) == sorted(others)
+    for step in ("1_1", "1_2"):
+        ok(run_cli(["merge", out, tmp_path / step, "--step", step], n=2, timeout=TIMEOUT))
+        got = tree(tmp_path / step)
+        assert sorted(got) == sorted(tree(minilm))
+        assert {n: b for n, b in got.items() if n != "model.safetensors"} == others
