@@ -9,7 +9,6 @@ from ..errors import HpcckptError
 from ..layout.loader import load_strategy
 from ..layout.strategy import Strategy
 from ..formats.names import HF_INDEX, MANIFEST, MODEL_FILES_DIR, MS_NAME_MAP, STRATEGY_FILE
-from ..formats.safetensors import read_header
 from ..storage import model_files
 from ..storage.inputs import open_input
 from ..storage.training import is_record_path
@@ -23,35 +22,28 @@ def check_against_manifest(inp) -> list[str]:
     data: each file's size (format 2 records it), its header (read and validated:
     a truncated or empty file fails here), and every chunk the manifest lists
     present in its file's header with the tensor's dtype and the chunk's shape.
-    Checksums are ``hpcckpt verify``'s (they need every byte read)."""
-    m, problems = inp.manifest, []
-    headers = {}
-    for f in m.files:
-        fp = os.path.join(inp.root, f)
-        try:
-            size = os.path.getsize(fp)
-        except OSError:
-            continue   # reported as missing
-        want = m.file_sizes.get(f) if m.file_sizes is not None else None
-        if want is not None and size != want:
-            problems.append(f"{f}: {size} bytes, the manifest records {want}")
-            continue
-        try:
-            headers[f] = read_header(fp)
-        except HpcckptError as e:
-            problems.append(str(e))
-    for name, t in inp.source.tensors.items():
-        for box, f, _ in m.records(name):
-            h = headers.get(f)
-            if h is None or not box.volume:
-                continue
-            e = h.tensors.get(name)
-            if e is None:
-                problems.append(f"{f}: has no tensor {name!r} (the manifest lists its chunk "
-                                f"{box} there)")
-            elif e.dtype != t.dtype or e.shape != box.sizes:
-                problems.append(f"{f}: tensor {name!r} is {e.dtype} {list(e.shape)}, the "
-                                f"manifest says its chunk {box} is {t.dtype} {list(box.sizes)}")
+    The check is ``hpcckpt verify``'s step 2 (``check_manifest_files``), worded for
+    inspect; checksums are verify's (they need every byte read)."""
+    from .verify import check_manifest_files
+    problems: list[str] = []
+    resized: set[str] = set()
+    for p in check_manifest_files(inp.root, inp.manifest, exclusive=False):
+        if p.kind == "missing" or p.file in resized:
+            continue   # missing: reported by describe_path; a wrong size says enough
+        if p.kind == "size":
+            resized.add(p.file)
+            problems.append(f"{p.file}: {p.message.removeprefix('file is ')}")
+        elif p.kind == "header":
+            problems.append(f"{os.path.join(inp.root, p.file)}: {p.message}")
+        elif p.message.endswith("but the header has no such tensor"):
+            problems.append(f"{p.file}: has no tensor {p.tensor!r} (the manifest lists its "
+                            f"chunk {p.box} there)")
+        elif p.message.startswith("header says "):
+            problems.append(f"{p.file}: tensor {p.tensor!r} is " + p.message.removeprefix(
+                "header says ").replace(", the manifest ",
+                                        f", the manifest says its chunk {p.box} is ", 1))
+        else:
+            problems.append(p.line().removesuffix(f" (rank {p.rank})"))
     return problems
 
 

@@ -90,6 +90,38 @@ def test_coverage_and_mismatch_found(ckpt, tmp_path):
         p.stdout.splitlines()[-1].split(" in ", 1)[1]
 
 
+def test_fast_path_finds_planted_problems(ckpt, tmp_path):
+    # format 2 with every tensor given by the strategy: step 2 takes each file's chunks
+    # from Strategy.rank_boxes of its rank; a wrong header and a bad entry are still found
+    d = copy(ckpt, tmp_path)
+    doc = json.loads((d / "manifest.json").read_text())
+    assert all("chunks" not in t for t in doc["tensors"].values())   # the fast path
+    doc["tensors"]["b"]["xxh3"] = doc["tensors"]["b"]["xxh3"][:16]  # 1 checksum, 4 chunks
+    (d / "manifest.json").write_text(json.dumps(doc))
+    f = d / "rank_2" / "model_rank_2.safetensors"
+    raw = bytearray(f.read_bytes())
+    at = raw.index(b'"shape":[3,4]')              # rank 2 holds w[0:3, 0:4]
+    raw[at:at + 13] = b'"shape":[4,3]'
+    f.write_bytes(bytes(raw))
+    p = run_cli(["verify", d, "--quick"], n=2)
+    assert p.returncode == 1, p.stderr
+    lines = [ln.strip() for ln in p.stdout.splitlines()[4:-1]]
+    hdr = {r: read_header(d / f"rank_{r}" / f"model_rank_{r}.safetensors").tensors
+           for r in range(4)}
+    w2 = hdr[2]["w"]
+    unlisted = [f"mismatch: rank_{r}/model_rank_{r}.safetensors: tensor 'b': bytes "
+                f"{hdr[r]['b'].begin}-{hdr[r]['b'].end}: the header holds it but the manifest "
+                f"does not list it here (rank {r % 2})" for r in range(4)]
+    assert lines == [
+        unlisted[0],
+        f"mismatch: rank_2/model_rank_2.safetensors: tensor 'w' chunk [0:3, 0:4]: bytes "
+        f"{w2.begin}-{w2.end}: header says F32 [4, 3], the manifest F32 [3, 4] (rank 0)",
+        unlisted[2], unlisted[1], unlisted[3],
+        "coverage: manifest.json: tensor 'b': 'xxh3' must hold 4 checksums of 16 hex digits, "
+        f"one per chunk of the strategy, got '{doc['tensors']['b']['xxh3']}' (rank 1)"], \
+        p.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["verify", "{tmp}/nowhere"], "{tmp}/nowhere: no such file or directory"),
     (["verify", "{tmp}"], "{tmp}: no safetensors checkpoint here (no "

@@ -180,6 +180,14 @@ def test_chunks_tile_and_agree_with_box_of(s: Strategy):
 
 @PROPS
 @given(strategies())
+def test_chunk_count_is_len_of_chunks(s: Strategy):
+    # verify checks a manifest's checksum count against chunk_count without chunks()
+    for t in s.tensors:
+        assert s.chunk_count(t.name) == len(s.chunks(t.name)), t
+
+
+@PROPS
+@given(strategies())
 def test_yaml_roundtrip_random(s: Strategy):
     back = strategy_from_dict(yaml.safe_load(strategy_to_yaml(s)), where="rt")
     assert back == s
