@@ -281,6 +281,9 @@ def test_save_from_a_model_directory_carries_its_files_to_every_step(minilm, tmp
     assert len(records) == 2
     for rec in records:
         assert sorted(json.loads(rec.read_text())["model_files"]) == sorted(others)
+    for path in (out, records[0]):   # the directory (latest step) or one step's record
+        doc = json.loads(ok(run_cli(["inspect", path, "--json"], timeout=TIMEOUT)).stdout)
+        assert doc["complete"] is True and doc["model"]["model_type"] == "bert"
     for step in ("1_1", "1_2"):
         ok(run_cli(["merge", out, tmp_path / step, "--step", step], n=2, timeout=TIMEOUT))
         got = tree(tmp_path / step)
