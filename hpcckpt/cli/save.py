@@ -7,7 +7,7 @@ import statistics
 
 from ..layout.loader import load_strategy
 from ..units import format_bytes
-from .common import add_dedup_option, add_output_options, examples
+from .common import add_dedup_option, add_max_extra_size, add_output_options, examples
 
 HELP = "training-style saves (a CheckpointManager) of real or synthetic state under a strategy"
 EXAMPLES = examples("""
@@ -43,6 +43,7 @@ def register(sub) -> None:
     p.add_argument("--keep-max", type=int, default=5, metavar="K",
                    help="committed steps kept (default 5; 0 keeps all)")
     p.add_argument("--prefix", default="CKP", help="file name prefix (default CKP)")
+    add_max_extra_size(p)
     add_output_options(p)
     p.add_argument("--no-fsync", action="store_true",
                    help="skip fsync before commit (faster, not crash-safe)")
@@ -59,7 +60,8 @@ def run(args, comm):
     result = save_job(args.out, strategy, comm, source=args.source, steps=args.steps,
                       save_steps=args.save_steps, compute_seconds=args.compute_seconds,
                       dedup=args.dedup or False, async_save=args.async_save,
-                      keep_max=args.keep_max, prefix=args.prefix, fsync=not args.no_fsync)
+                      keep_max=args.keep_max, prefix=args.prefix, fsync=not args.no_fsync,
+                      max_extra_size=args.max_extra_size)
     if comm.rank == 0 and not args.json:
         print(summary(result))
     return result

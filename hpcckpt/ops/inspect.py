@@ -89,13 +89,13 @@ def describe_path(path: str, strategy: Strategy | None = None, list_tensors: boo
         if carried:
             out["model_files"] = len(carried)
             for rel, (size, _) in carried.items():
-                fp = p / MODEL_FILES_DIR / rel
+                fp = Path(inp.root) / MODEL_FILES_DIR / rel
                 have = fp.stat().st_size if fp.is_file() else None
                 if have != size:
                     problems.append(f"{MODEL_FILES_DIR}/{rel}: " + (
                         "missing" if have is None else f"{have} bytes, the manifest records {size}"))
             if "config.json" in carried:
-                config_dir = p / MODEL_FILES_DIR
+                config_dir = Path(inp.root) / MODEL_FILES_DIR
     model = model_files.config_summary(root=config_dir) if config_dir else None
     if model is not None:
         out["model"] = model

@@ -64,7 +64,7 @@ def merge(dist: str, out: str, *, strategy: Strategy | None = None,
         carried = []
         if layout == "hf" and comm.rank == 0:
             carried = (model_files.collect(hf_files_dir, max_extra_size) if hf_files_dir
-                       else model_files.read_carried(dist, inp.manifest.model_files)
+                       else model_files.read_carried(inp.root, inp.manifest.model_files)
                        if inp.manifest is not None else [])
         pieces = divide_writes(files, comm.size)
     markers = (HF_INDEX, MS_NAME_MAP) + tuple(f.path for f in files)

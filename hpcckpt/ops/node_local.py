@@ -19,6 +19,7 @@ from ..planning.outputs import rank_file, rank_files
 from ..planning.route_plans import plan_node_local, plan_summary
 from ..planning.routes import Route
 from ..planning.runs import strided_runs
+from ..storage import model_files
 from ..storage.chunkio import ChunkReader, verify_totals
 from ..storage.inputs import open_source, rank_dirs
 from .commit import OutputCommit
@@ -56,6 +57,10 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
             local_dirs = [d for d in range(inp.strategy.world_size) if d % comm.size == comm.rank]
         else:
             local_dirs = sorted(rank_dirs(my_in))
+        # the model directory's non-weight files go along: rank 0 reads and checks its
+        # own node's copy, the records carry them into every OUT beside its manifest
+        carried = (model_files.read_carried(inp.root, inp.manifest.model_files)
+                   if comm.rank == 0 and inp.manifest is not None else [])
     dir_holders: dict[int, list[int]] = {}
     if simulated:
         dir_holders = {d: [d % comm.size] for d in range(inp.strategy.world_size)}
@@ -89,9 +94,10 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
                                   time.perf_counter() - t0, comm.size, dry_run=True,
                                   extra={"transport": "node-local", "simulated": simulated})
     reader = ChunkReader(inp, scratch_bytes=options.buffer_size)
-    # the records (strategy, manifest) list every file: rank 0 alone laid them all out
+    # the records (model files, strategy, manifest) list every file: rank 0 alone laid
+    # them all out; OutputCommit broadcasts them to every OUT owner
     records = (lambda sums: distributed_records(strategy, list(files.values()), sums, dedup,
-                                                prefix))
+                                                prefix, carried))
     dirs = [rank_dir_name(r) for r in range(strategy.world_size)
             if owner(r) == comm.rank or not per_rank_out]
     try:
@@ -145,6 +151,7 @@ def reshard_node_local(dist: str, out: str, strategy: Strategy, *, src_strategy=
     seconds = comm.allreduce_max(time.perf_counter() - t0)
     return OpResult.from_rows("reshard", out, strategy.world_size, per_rank, seconds, comm.size,
                               extra={"transport": "node-local", "dedup": dedup,
+                                     "model_files": len(carried),
                                      "bytes_sent": sum(r["bytes_sent"] for r in per_rank),
                                      "rounds": st.rounds,
                                      "strategy_world_size": strategy.world_size,

@@ -46,7 +46,7 @@ def reshard(dist: str, out: str, strategy: Strategy, *, src_strategy: Strategy |
         for p in pieces[comm.rank]:
             inp.source.chunks(files[p.file].entries[p.entry].name)  # decoded and checked now
         # the model directory's non-weight files go along, checked against the manifest
-        carried = (model_files.read_carried(dist, inp.manifest.model_files)
+        carried = (model_files.read_carried(inp.root, inp.manifest.model_files)
                    if comm.rank == 0 and inp.manifest is not None else [])
 
     def records(checksums):

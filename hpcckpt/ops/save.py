@@ -36,13 +36,14 @@ import xxhash
 
 from ..comm.wrapper import Comm, as_comm
 from ..errors import FormatError, RankFailure, UsageError
-from ..formats.names import HF_INDEX, STRATEGY_FILE, rank_dir_name
+from ..formats.names import HF_INDEX, MODEL_FILES_DIR, STRATEGY_FILE, rank_dir_name
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
 from ..planning.dedup import DedupPlan, dedup_mode, plan_dedup
 from ..planning.outputs import OutputFile, hf_files, hf_index, rank_file
 from ..planning.runs import strided_runs
+from ..storage import model_files
 from ..storage import training as tdir
 from ..storage.atomic import atomic_write_bytes, json_bytes
 from ..storage.chunkio import copy_runs
@@ -76,8 +77,9 @@ class _Tree:
     """One training directory being written: the main one, or the network-only one."""
 
     def __init__(self, directory: str, strategy: Strategy, prefix: str, plan: DedupPlan | None,
-                 rank: int):
+                 rank: int, carried: list[model_files.ModelFile] = ()):
         self.directory = str(directory)
+        self.carried = list(carried)   #: rank 0: the model directory's non-weight files
         self.strategy = strategy
         self.prefix = prefix
         self.plan = plan
@@ -104,6 +106,7 @@ class _Tree:
                 (root / tdir.RECORDS).mkdir(exist_ok=True)
                 records = tdir.list_records(root)
                 self.strategy_file = _adopt_strategy(root, self.strategy, fsync)
+                _carry_model_files(root, self.carried, fsync)
                 dirs = list(rank_dirs(root))
                 info = (records, self.strategy_file, dirs)
             else:
@@ -180,7 +183,7 @@ class _Tree:
         sums = {(i, j): checksums[(r, j)] for i, r in enumerate(f.rank for f in layouts)
                 for j in range(len(layouts[i].entries))}
         manifest = build_manifest(self.strategy, layouts, sums, self.plan is not None,
-                                  self.prefix)
+                                  self.prefix, self.carried)
         seq = (self.records[-1].sequence if self.records else 0) + 1
         doc = manifest.to_dict()
         doc["strategy"] = self.strategy_file
@@ -292,6 +295,23 @@ def _adopt_strategy(root: Path, strategy: Strategy, fsync: bool) -> str:
                       "other contents")
 
 
+def _carry_model_files(root: Path, carried: list[model_files.ModelFile], fsync: bool) -> None:
+    """Write the model directory's non-weight files under ``root/model_files/`` once (every
+    step's record lists them; a resumed run finds them there). A file an earlier run
+    carried with other contents is refused: the committed steps' records name its bytes."""
+    for f in carried:
+        path = root / MODEL_FILES_DIR / f.path
+        if path.is_file() and not path.is_symlink():
+            old = model_files.ModelFile(f.path, path.read_bytes())
+            if old.checksum == f.checksum and old.size == f.size:
+                continue
+            raise UsageError(f"{path}: carried by an earlier run with other contents "
+                             f"({old.size} bytes, {old.checksum}; the model directory's is "
+                             f"{f.size} bytes, {f.checksum}); use a new training directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, f.data, fsync)
+
+
 def remove_files(paths: Iterable[str]) -> None:
     for p in paths:
         try:
@@ -349,6 +369,11 @@ class CheckpointManager:
             commit and rotated with it.
         max_shard_size: data bytes per shard of the integrated weights (default 5 GB).
         fsync: make every step durable before committing it (default True).
+        hf_dir: a Hugging Face model directory whose non-weight files (config,
+            tokenizer, ...) are carried: rank 0 copies them once into
+            ``directory/model_files/`` and every step's record lists them (size,
+            checksum), so ``hpcckpt merge --step`` writes them back.
+        max_extra_size: the largest such file carried (larger ones are refused).
 
     Example:
         >>> mgr = CheckpointManager("out/checkpoint", strategy, MPI.COMM_WORLD,
@@ -364,7 +389,8 @@ class CheckpointManager:
                  dedup: bool | str = False, async_save: bool = False,
                  network_only: Callable[[str], bool] | Iterable[str] | None = None,
                  integrated: bool = False, max_shard_size: int = 5_000_000_000,
-                 fsync: bool = True):
+                 fsync: bool = True, hf_dir: str | os.PathLike | None = None,
+                 max_extra_size: int = model_files.DEFAULT_MAX_BYTES):
         self.comm = as_comm(comm)
         self.directory = str(directory)
         self.strategy = strategy
@@ -394,7 +420,13 @@ class CheckpointManager:
         mode = dedup_mode(dedup)
         with comm.step("plan"):
             plan = plan_dedup(strategy, mode) if mode else None
-            self._main = _Tree(self.directory, strategy, prefix, plan, comm.rank)
+            carried = []
+            if hf_dir is not None and comm.rank == 0:
+                if not Path(hf_dir).is_dir():
+                    raise UsageError(f"hf_dir {hf_dir}: not a directory (give the model "
+                                     "directory whose config and tokenizer files to carry)")
+                carried = model_files.collect(hf_dir, max_extra_size)
+            self._main = _Tree(self.directory, strategy, prefix, plan, comm.rank, carried)
             self._network: _Tree | None = None
             if network_only is not None:
                 keep = _name_filter(network_only)
@@ -402,7 +434,8 @@ class CheckpointManager:
                 net_dir = os.path.join(os.path.dirname(os.path.abspath(self.directory)),
                                        "checkpoint_network")
                 self._network = _Tree(net_dir, sub, prefix,
-                                      plan_dedup(sub, mode) if mode else None, comm.rank)
+                                      plan_dedup(sub, mode) if mode else None, comm.rank,
+                                      carried)
             self._integrated = (_Integrated(self._main, comm.rank, max_shard_size)
                                 if integrated else None)
         self._trees = [t for t in (self._main, self._network, self._integrated)
@@ -707,14 +740,16 @@ def save_job(out: str, strategy: Strategy, comm=None, *, source: str | None = No
              steps: int = 1, save_steps: int = 1, compute_seconds: float = 0.0,
              dedup: bool | str = False, async_save: bool = False, keep_max: int | None = 5,
              prefix: str = "CKP", epoch: int = 1, fsync: bool = True,
-             handle_signals: bool = True) -> "OpResult":
+             handle_signals: bool = True,
+             max_extra_size: int = model_files.DEFAULT_MAX_BYTES) -> "OpResult":
     """Run ``steps`` pretend training steps, saving every ``save_steps`` into ``out``.
 
     The state is ``source``'s weights loaded under ``strategy`` (any checkpoint), or
     synthetic bytes. When ``out`` already holds a committed step, training resumes from
     it: its state is loaded and steps continue after it. A preemption signal (SIGUSR1,
     SIGTERM) saves the current step and stops; the result then says ``preempted`` and
-    carries ``exit_status`` ``EXIT_PREEMPTED``.
+    carries ``exit_status`` ``EXIT_PREEMPTED``. A Hugging Face model directory as
+    ``source`` also gives its non-weight files (``CheckpointManager``'s ``hf_dir``).
     """
     from .in_memory import load
     from .result import OpResult
@@ -736,7 +771,8 @@ def save_job(out: str, strategy: Strategy, comm=None, *, source: str | None = No
     saved = 0
     with CheckpointManager(out, strategy, comm, prefix=prefix, keep_max=keep_max,
                            save_steps=save_steps, dedup=dedup, async_save=async_save,
-                           fsync=fsync) as mgr:
+                           fsync=fsync, hf_dir=_hf_model_dir(source),
+                           max_extra_size=max_extra_size) as mgr:
         if handle_signals:
             mgr.install_signal_handler()
         t_loop = time.perf_counter()
@@ -753,6 +789,7 @@ def save_job(out: str, strategy: Strategy, comm=None, *, source: str | None = No
         stats = list(mgr.stats)
         preempted = mgr.preempted
         latest = mgr.latest()
+        carried = len(mgr._main.carried)
     written = sum(s["bytes_written"] for s in stats)
     write_s = sum(s["write_seconds"] for s in stats)
     rows = comm.allgather({"rank": comm.rank, "bytes_read": 0, "bytes_written": written,
@@ -767,11 +804,23 @@ def save_job(out: str, strategy: Strategy, comm=None, *, source: str | None = No
              "save_seconds": [round(x, 6) for x in per_save],
              "loop_seconds": round(comm.allreduce_max(loop), 6),
              "compute_seconds": compute_seconds, "preempted": preempted,
-             "exit_status": EXIT_PREEMPTED if preempted else 0}
+             "exit_status": EXIT_PREEMPTED if preempted else 0, "model_files": carried}
     files = len(stats) * strategy.world_size
     return OpResult.from_rows("save", out, files, rows,
                               comm.allreduce_max(time.perf_counter() - t0), comm.size,
                               extra=extra)
+
+
+def _hf_model_dir(source: str | None) -> Path | None:
+    """``source``'s model directory when it is Hugging Face weights (a directory of
+    complete safetensors files or an index); a distributed checkpoint or a single file
+    carries nothing."""
+    from ..storage.inputs import READERS, HFIndexReader, SafetensorsDirReader
+    root = model_files.model_dir_of(source) if source is not None else None
+    if root is None:
+        return None
+    cls = next((c for c in READERS if c.recognise(root)), None)
+    return root if cls in (HFIndexReader, SafetensorsDirReader) else None
 
 
 def save_plan(out: str, strategy: Strategy, comm=None, *, dedup: bool | str = False,

@@ -215,3 +215,77 @@ def test_a_missing_carried_file_makes_inspect_say_incomplete(dist, tmp_path):
     doc = json.loads(p.stdout)
     assert p.returncode != 0 and doc["complete"] is False
     assert "model_files/tokenizer.json: missing" in doc["problems"]
+
+
+def _node_copies(dist: Path, root: Path, nodes: int) -> None:
+    """What node-local storage looks like: node j holds the rank directories r with
+    r % nodes == j, and its own copy of manifest.json, strategy.yaml and model_files/."""
+    for j in range(nodes):
+        node = root / f"node{j}"
+        node.mkdir()
+        for name in ("manifest.json", "strategy.yaml"):
+            shutil.copy(dist / name, node / name)
+        shutil.copytree(dist / "model_files", node / "model_files")
+        for r in sorted(dist.glob("rank_*")):
+            if int(r.name.split("_")[1]) % nodes == j:
+                shutil.copytree(r, node / r.name)
+
+
+def test_node_local_reshard_carries_the_files_to_every_node(minilm, dist, tmp_path):
+    _node_copies(dist, tmp_path, 2)
+    tp3 = write_strategy(tmp_path / "tp3.yaml", strategy_for(minilm, {"tp": 3}))
+    p = ok(run_cli(["reshard", tmp_path / "node{rank}", tmp_path / "out{rank}", "--strategy",
+                    tp3, "--node-local", "--json"], n=2, timeout=TIMEOUT))
+    summary = next(ln for ln in p.stdout.splitlines() if ln.startswith("{"))
+    assert json.JSONDecoder().raw_decode(summary)[0]["model_files"] == 8
+    for j in range(2):   # each node's OUT: its rank directories, the manifest and the files
+        assert tree(tmp_path / f"out{j}" / "model_files") == tree(dist / "model_files")
+        assert sorted(r.name for r in (tmp_path / f"out{j}").glob("rank_*")) == \
+            [f"rank_{r}" for r in range(j, 3, 2)]
+    # gathered on one filesystem (node 1's rank directories beside node 0's OUT): a merge
+    # gives back the model directory
+    for r in (tmp_path / "out1").glob("rank_*"):
+        shutil.copytree(r, tmp_path / "out0" / r.name)
+    ok(run_cli(["merge", tmp_path / "out0", tmp_path / "merged"], n=2, timeout=TIMEOUT))
+    assert_same_tree(tmp_path / "merged", minilm)
+
+
+def test_node_local_reshard_refuses_a_changed_carried_file(minilm, dist, tmp_path):
+    _node_copies(dist, tmp_path, 2)
+    cfg = tmp_path / "node0" / "model_files" / "config.json"
+    want = json.loads((dist / "manifest.json").read_text())["model_files"]["config.json"]
+    cfg.write_bytes(cfg.read_bytes()[:-1])
+    import xxhash
+    got = "xxh3_64:" + xxhash.xxh3_64_hexdigest(cfg.read_bytes())
+    p = run_cli(["reshard", tmp_path / "node{rank}", tmp_path / "out{rank}", "--strategy",
+                 tmp_path / "node0" / "strategy.yaml", "--node-local"], n=2, timeout=TIMEOUT)
+    assert error_line(p) == (
+        f"hpcckpt reshard: error: rank 0: {cfg}: carried model file is {want['size'] - 1} "
+        f"bytes with checksum {got}; the manifest records {want['size']} bytes, "
+        f"{want['checksum']}")
+    assert not (tmp_path / "out0").exists() and not (tmp_path / "out1").exists()
+
+
+def test_save_from_a_model_directory_carries_its_files_to_every_step(minilm, tmp_path):
+    """`hpcckpt save --from HF_DIR` (CheckpointManager's hf_dir): the files are copied once
+    into the training directory and every step's record lists them; `merge --step` of
+    any step writes them back."""
+    tp2 = write_strategy(tmp_path / "tp2.yaml", strategy_for(minilm, {"tp": 2}))
+    out = tmp_path / "train" / "checkpoint"
+    p = ok(run_cli(["save", out, "--strategy", tp2, "--from", minilm, "--steps", "2",
+                    "--keep-max", "0", "--no-fsync", "--json"], n=2, timeout=TIMEOUT))
+    assert json.loads(p.stdout)["model_files"] == 8
+    others = {n: b for n, b in tree(minilm).items() if n != "model.safetensors"}
+    assert tree(out / "model_files") == others
+    records = sorted((out / "commits").glob("*.json"))
+    assert len(records) == 2
+    for rec in records:
+        assert sorted(json.loads(rec.read_text())["model_files"]) == sorted(others)
+    for path in (out, records[0]):   # the directory (latest step) or one step's record
+        doc = json.loads(ok(run_cli(["inspect", path, "--json"], timeout=TIMEOUT)).stdout)
+        assert doc["complete"] is True and doc["model"]["model_type"] == "bert"
+    for step in ("1_1", "1_2"):
+        ok(run_cli(["merge", out, tmp_path / step, "--step", step], n=2, timeout=TIMEOUT))
+        got = tree(tmp_path / step)
+        assert sorted(got) == sorted(tree(minilm))
+        assert {n: b for n, b in got.items() if n != "model.safetensors"} == others

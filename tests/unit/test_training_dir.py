@@ -208,3 +208,52 @@ def safe_metadata(path):
     from safetensors import safe_open
     with safe_open(str(path), framework="np") as f:
         return f.metadata()
+
+
+def _model_dir(root):
+    """A small Hugging Face style directory: weights (not carried), config, tokenizer, a
+    subdirectory, a hidden directory (not carried)."""
+    (root / "1_Pooling").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "model.safetensors").write_bytes(b"weights")
+    (root / "config.json").write_text('{"model_type": "bert"}')
+    (root / "tokenizer.json").write_text('{"vocab": {}}')
+    (root / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (root / ".git" / "HEAD").write_text("ref")
+    return root
+
+
+def test_manager_carries_a_model_directory_once(tmp_path):
+    s = one_rank()
+    hf = _model_dir(tmp_path / "hf")
+    d = tmp_path / "out" / "checkpoint"
+    want = {"1_Pooling/config.json", "config.json", "tokenizer.json"}
+    with CheckpointManager(d, s, None, keep_max=0, hf_dir=hf, network_only=("w",)) as m:
+        for k in (1, 2):
+            m.save(state_at(s, k), 1, k)
+    for root in (d, tmp_path / "out" / "checkpoint_network"):
+        got = {p.relative_to(root / "model_files").as_posix(): p.read_bytes()
+               for p in (root / "model_files").rglob("*") if p.is_file()}
+        assert got == {n: (hf / n).read_bytes() for n in want}
+        for rec in (root / "commits").iterdir():
+            entries = json.loads(rec.read_text())["model_files"]
+            assert sorted(entries) == sorted(want)
+            assert entries["config.json"]["size"] == len('{"model_type": "bert"}')
+    # a resumed run with the same directory: nothing to do; with a changed file: refused
+    with CheckpointManager(d, s, None, keep_max=0, hf_dir=hf) as m:
+        m.save(state_at(s, 3), 1, 3)
+    old = json.loads((d / "commits" / "000001-1_1.json").read_text())["model_files"]
+    (hf / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(UsageError) as e:
+        CheckpointManager(d, s, None, hf_dir=hf)
+    new = "xxh3_64:" + __import__("xxhash").xxh3_64_hexdigest(b'{"model_type": "gpt2"}')
+    assert str(e.value) == (
+        f"{d / 'model_files' / 'config.json'}: carried by an earlier run with other contents "
+        f"(22 bytes, {old['config.json']['checksum']}; the model directory's is 22 bytes, "
+        f"{new}); use a new training directory")
+    assert (d / "model_files" / "config.json").read_text() == '{"model_type": "bert"}'
+    with pytest.raises(UsageError) as e:
+        CheckpointManager(tmp_path / "c2", s, None, hf_dir=hf / "config.json")
+    assert str(e.value) == (f"hf_dir {hf / 'config.json'}: not a directory (give the model "
+                            "directory whose config and tokenizer files to carry)")
+    assert not (tmp_path / "c2").exists()
