@@ -195,8 +195,11 @@ def _pieces(it: _Item, min_piece: int) -> list[tuple[int, Box]]:
         return [(r, it.box)]
     count = it.box.sizes[it.dim]
     shares = list(it.shares)
-    # a share below min_piece is not worth a chunk: its replicas' neighbours take it
-    small = [k for k, s in enumerate(shares) if s < min_piece]
+    # a share below min_piece, and small beside the largest, is not worth a chunk: its
+    # replicas' neighbours take it (shares all near min_piece are kept: dropping all but
+    # one would put the whole box on one rank)
+    big = max(shares, default=0.0)
+    small = [k for k, s in enumerate(shares) if s < min_piece and s < big / 2]
     if len(small) < len(shares):
         for k in small:
             shares[k] = 0.0
