@@ -241,3 +241,25 @@ sys.stdout.flush()
 os.write(1, f"@@rank-exit {MPI.COMM_WORLD.Get_rank()} {rc}\n".encode())
 sys.exit(rc)
 """
+
+
+def assert_nothing_complete(out) -> None:
+    """No manifest, no index, no final-named or partial safetensors anywhere under ``out``."""
+    from pathlib import Path
+    out = Path(out)
+    if not out.exists():
+        return
+    names = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
+    bad = [n for n in names if n.endswith((".safetensors", ".partial", "manifest.json",
+                                           "index.json", "param_name_map.json"))]
+    assert not bad, f"left behind in {out}: {bad}"
+
+
+def read_tensor(path, name: str) -> np.ndarray:
+    """One tensor of a safetensors file, read by its header's byte range (any dtype)."""
+    from hpcckpt.formats.safetensors import read_header
+    e = read_header(path).entry(name)
+    with open(path, "rb") as f:
+        f.seek(e.begin)
+        raw = f.read(e.nbytes)
+    return np.frombuffer(raw, DTYPES[e.dtype]).reshape(e.shape)

@@ -28,8 +28,9 @@ from hpcckpt.formats.safetensors import build_header, read_header
 from hpcckpt.storage.manifest import read_manifest
 from hpcckpt.units import format_bytes
 
-from helpers import (DTYPES, RANK_EXIT_WRAP, _kill_group, assert_bytes_equal, clean_env,
-                     find_mpiexec, make_tensors, run_cli)
+from helpers import (DTYPES, RANK_EXIT_WRAP, _kill_group, assert_bytes_equal,  # noqa: F401
+                     assert_nothing_complete, clean_env, find_mpiexec, make_tensors,
+                     read_tensor, run_cli)
 
 FMT = "hpcckpt.strategy/1"
 TIMEOUT = 60
@@ -198,22 +199,6 @@ def fails_everywhere(args, n: int, line: str, prelude: str = "") -> subprocess.C
     return p
 
 
-def assert_nothing_complete(out: Path) -> None:
-    """No manifest, no index, no final-named or partial safetensors anywhere under ``out``."""
-    if not out.exists():
-        return
-    names = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
-    bad = [n for n in names if n.endswith((".safetensors", ".partial", "manifest.json",
-                                           "index.json", "param_name_map.json"))]
-    assert not bad, f"left behind in {out}: {bad}"
-
-
-def read_tensor(path: Path, name: str) -> np.ndarray:
-    e = read_header(path).entry(name)
-    with open(path, "rb") as f:
-        f.seek(e.begin)
-        raw = f.read(e.nbytes)
-    return np.frombuffer(raw, DTYPES[e.dtype]).reshape(e.shape)
 
 
 def check_complete(out: Path, names=None, weight_map: dict | None = None) -> None:

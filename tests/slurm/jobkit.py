@@ -17,7 +17,8 @@ from hpcckpt.jobs import JobOptions, render
 from hpcckpt.ops.filecopy import CopyOptions
 from hpcckpt.formats.safetensors import build_header, read_header
 
-from helpers import DTYPES, assert_bytes_equal, make_tensors
+from helpers import (DTYPES, assert_bytes_equal, assert_nothing_complete,  # noqa: F401
+                     make_tensors, read_tensor)
 
 EMB, DOWN, NORM, SCALE, POS, HEAD = ("model.embed_tokens.weight",
                                      "model.layers.0/mlp.down_proj.weight",
@@ -65,13 +66,6 @@ def write_model(d: Path) -> dict[str, Path]:
     return out
 
 
-def read_tensor(path: Path, name: str) -> np.ndarray:
-    e = read_header(path).entry(name)
-    with open(path, "rb") as f:
-        f.seek(e.begin)
-        raw = f.read(e.nbytes)
-    return np.frombuffer(raw, DTYPES[e.dtype]).reshape(e.shape)
-
 
 def check_merged(out: Path) -> None:
     """``out`` is complete HF weights equal, bit for bit, to the model."""
@@ -100,15 +94,6 @@ def reference_reshard(dist: Path, strategy: Path, out: Path) -> Path:
     hpcckpt.reshard(str(dist), str(out), hpcckpt.load_strategy(strategy), options=NO_FSYNC)
     return out
 
-
-def assert_nothing_complete(out: Path) -> None:
-    """No manifest, index or safetensors file (final or partial) anywhere under ``out``."""
-    if not out.exists():
-        return
-    names = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
-    bad = [n for n in names if n.endswith((".safetensors", ".partial", "manifest.json",
-                                           "index.json", "param_name_map.json"))]
-    assert not bad, f"left behind in {out}: {bad}"
 
 
 def has_verb(verb: str) -> bool:
