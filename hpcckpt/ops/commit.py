@@ -31,7 +31,9 @@ contents are gone by design). On a signal the local part runs at once, in the ha
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +48,15 @@ from ..formats.names import CHECKSUM_PREFIX
 from ..layout.box import Box
 from ..planning.outputs import OutputEntry, OutputFile, WritePiece
 from ..planning.runs import StridedRuns, tile_contiguous
-from ..storage.atomic import atomic_write_bytes, fsync_dir, io_error, new_token, partial_name
+from ..storage.atomic import (PARTIAL, atomic_write_bytes, fsync_dir, io_error, new_token,
+                              partial_name)
 from ..storage.chunkio import write_runs_to_file
 from ..storage.lock import LOCK_NAME, OutputLock
 from ..storage.fileio import pread_into, pwrite_all, start_writeback
 from .progress import Progress
+
+#: a temporary file of some job (``partial_name``): ``<file>.<8 hex digits>.partial``
+_LEFTOVER = re.compile(r".+\.[0-9a-f]{8}" + re.escape(PARTIAL))
 
 DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
 #: test hook: seconds to sleep after each written tile, so tests can interrupt a run
@@ -270,6 +276,8 @@ class OutputCommit:
         self._lock = OutputLock(self.out, self.op)
         self._lock.acquire()
         existing = [p for p in out.iterdir() if p.name != LOCK_NAME]
+        if existing and not self.keep_existing and self._remove_leftovers(existing):
+            existing = []
         if existing and self.keep_existing:
             self._check_free()
         elif existing:
@@ -286,6 +294,39 @@ class OutputCommit:
         wanted = {os.path.dirname(f.path) for f in self.files.values()} | set(self.dirs)
         for d in sorted(w for w in wanted if w):
             self._mkdirs(out / d)
+
+    def _remove_leftovers(self, existing: list[Path]) -> bool:
+        """Remove what a killed job left in OUT, if that is all OUT holds: this job holds
+        OUT's lock, so no other job is writing here (a writer holds it from before its
+        first file until its last rename), and every file is a temporary
+        ``<file>.<token>.partial`` that no reader ever opens. Anything else (a user's
+        file, a finished output) still needs --overwrite.
+
+        Returns:
+            True if ``existing`` were such leftovers and are gone.
+        """
+        if self._lock is None or self._lock.fd is None:
+            return False   # no locks on this filesystem: a live writer cannot be ruled out
+        files: list[Path] = []
+        dirs: list[Path] = []
+        todo = list(existing)
+        while todo:
+            p = todo.pop()
+            if p.is_dir() and not p.is_symlink():
+                dirs.append(p)
+                todo.extend(p.iterdir())
+            elif p.is_file() and not p.is_symlink() and _LEFTOVER.fullmatch(p.name):
+                files.append(p)
+            else:
+                return False
+        for p in files:
+            p.unlink(missing_ok=True)
+        for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+            d.rmdir()
+        who = f" ({self._lock.stale_holder})" if self._lock.stale_holder else ""
+        print(f"hpcckpt: {self.out}: removed {len(files)} temporary file(s) of an unfinished "
+              f"job{who}", file=sys.stderr, flush=True)
+        return True
 
     def _check_free(self) -> None:
         for f in self.files.values():

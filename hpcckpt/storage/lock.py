@@ -38,6 +38,9 @@ class OutputLock:
         self.path = os.path.join(out, LOCK_NAME)
         self.what = what
         self.fd: int | None = None
+        #: what the lock file said when this job took it over from a job that ended
+        #: without removing it (killed, node lost): None when there was no such file
+        self.stale_holder: str | None = None
 
     def acquire(self) -> None:
         key = os.path.realpath(self.path)
@@ -69,6 +72,7 @@ class OutputLock:
             os.close(fd)
         self.fd = fd
         _HELD[key] = self.what
+        self.stale_holder = _read_holder(fd) if os.fstat(fd).st_size else None
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         info = f"{self.what}, pid {os.getpid()} on {os.uname().nodename}, since {stamp}\n"
         try:

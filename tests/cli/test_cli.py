@@ -622,6 +622,34 @@ def test_error_output_not_empty(data, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
 
 
+def test_leftovers_of_a_killed_job_are_removed(data, tmp_path):
+    """kill -9 leaves the lock file and the job's temporary files: the next job takes
+    the lock, so nobody is writing there, and removes them without --overwrite."""
+    out = tmp_path / "out"
+    (out / "rank_1").mkdir(parents=True)
+    (out / ".hpcckpt.lock").write_text("hpcckpt split, pid 4242 on node7, since 2026-12-01 "
+                                       "10:00:00 UTC\n")
+    (out / "rank_1" / "model_rank_1.safetensors.0badf00d.partial").write_bytes(b"x" * 100)
+    (out / "manifest.json.0badf00d.partial").write_bytes(b"{")
+    p = ok(cli(["split", data["model"], out, "--strategy", data["s3"]], n=3))
+    assert p.stderr.splitlines() == [
+        f"hpcckpt: {out}: removed 2 temporary file(s) of an unfinished job (hpcckpt split, "
+        "pid 4242 on node7, since 2026-12-01 10:00:00 UTC)"]
+    assert not list(out.rglob("*.partial")) and not (out / ".hpcckpt.lock").exists()
+    assert ok(cli(["verify", out, "--json"])).returncode == 0
+
+
+def test_leftovers_beside_other_files_need_overwrite(data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors.0badf00d.partial").write_bytes(b"x")
+    (out / "notes.partial").write_text("not a temporary name")   # no job token: the user's
+    fails_everywhere(["split", data["model"], out, "--strategy", data["s3"]], 3,
+                     f"hpcckpt split: error: rank 0: {out}: output directory is not empty "
+                     "(pass --overwrite to replace it)")
+    assert sorted(os.listdir(out)) == ["model.safetensors.0badf00d.partial", "notes.partial"]
+
+
 def test_error_rank_file_deleted(data, tmp_path):
     dist, out = copy_dist(data["trio"], tmp_path / "dist"), tmp_path / "out"
     gone = dist / "rank_2" / "model_rank_2.safetensors"
