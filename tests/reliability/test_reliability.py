@@ -13,13 +13,10 @@ rank RANK's ``os.pwrite``/``os.write`` (OP ``write``) or ``os.pread``/``os.pread
 ``OSError(WHAT)`` (ENOSPC, EIO) or SIGKILLs the process (KILL), after SKIP such calls.
 No root, tmpfs, FUSE or LD_PRELOAD needed: it runs in CI as is.
 
-Rows that need a feature another issue adds (training directories, the torn ``latest``
-pointer, save) skip with the reason until it exists; rows whose fix is in flight in
-issue 8 are ``xfail(strict=True)`` naming the item, so they flip when the fix lands.
+Every row runs: nothing here is skipped or expected to fail.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -285,15 +282,6 @@ def test_corrupt_manifest_is_uncommitted(dist, tmp_path):
     refuses(["merge", dist, tmp_path / "out"], "manifest.json")
 
 
-def _has_save() -> bool:
-    return (importlib.util.find_spec("hpcckpt.storage.training") is not None
-            and importlib.util.find_spec("hpcckpt.ops.save") is not None)
-
-
-NEEDS_SAVE = pytest.mark.skipif(not _has_save(), reason="needs training directories and "
-                                "`hpcckpt save` (save manager, issue 10): not in this build")
-
-
 #: a training save runs one rank per strategy rank (s.yaml has 4)
 SAVE_RANKS = 4
 
@@ -324,7 +312,6 @@ def _records(train: Path) -> list[Path]:
     return sorted((train / "commits").glob("*.json"))
 
 
-@NEEDS_SAVE
 def test_training_dir_missing_last_record_falls_back(pristine, tmp_path):
     train = _saved(pristine, tmp_path)
     first, last = _records(train)
@@ -339,7 +326,6 @@ def test_training_dir_missing_last_record_falls_back(pristine, tmp_path):
     assert _same_tensors(ref, out / "model.safetensors")
 
 
-@NEEDS_SAVE
 def test_training_dir_corrupt_last_record(pristine, tmp_path):
     """A torn record (a crash while the commit record was written) is not a step:
     verify reports it; readers use the previous committed step or refuse, never garbage."""
@@ -357,7 +343,6 @@ def test_training_dir_corrupt_last_record(pristine, tmp_path):
         assert last.name in p.stderr, p.stderr
 
 
-@NEEDS_SAVE
 def test_torn_latest_pointer_is_old_or_new(pristine, tmp_path):
     train = _saved(pristine, tmp_path)
     (train / "latest").write_bytes(b'{"record": "commits/0000')   # torn mid-write
@@ -532,6 +517,11 @@ def test_kill9_one_rank_mid_write(pristine, dist, tmp_path, cmd):
     print(f"kill -9 mid-{cmd}: the job ended in {seconds:.1f} s")
     _nothing_complete_after_kill(out)
     assert tree_bytes(dist) == before and tree_bytes(pristine / "hf") == src_hf
+    # the retry needs no --overwrite: it takes the dead job's lock and removes its leftovers
+    p, codes, _ = run(args, n=2)
+    assert codes == {0: 0, 1: 0}, p.stdout + p.stderr
+    p, codes, _ = run(["verify", out], n=2)
+    assert codes == {0: 0, 1: 0}, p.stdout + p.stderr
 
 
 def _nothing_complete_after_kill(out: Path) -> None:
@@ -545,7 +535,6 @@ def _nothing_complete_after_kill(out: Path) -> None:
     assert codes == {0: 1} or codes == {0: 2}, p.stdout
 
 
-@NEEDS_SAVE
 def test_kill9_one_rank_mid_save(pristine, tmp_path):
     """Kill rank 1 while it writes step 2's file: the job ends, step 1 stays the latest
     committed step and verifies clean."""
