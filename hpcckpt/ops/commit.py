@@ -112,6 +112,8 @@ class OutputCommit:
         keep_existing: OUT may already hold other files, which are left alone (a save
             manager adding a step); the files written must not exist yet.
         checksums: hash every entry (False: complete weights, which record none).
+        locked: the caller holds OUT's lock (``storage.lock``) for longer than this job
+            (a save manager, for its lifetime): not taken again here.
 
     Example:
         files = rank_files(strategy, "model")
@@ -127,13 +129,14 @@ class OutputCommit:
                  *, options: WriteOptions = WriteOptions(), op: str = "hpcckpt",
                  inputs: Iterable[str] = (), markers: Iterable[str] = (),
                  dirs: Iterable[str] = (), shared: bool = True, keep_existing: bool = False,
-                 checksums: bool = True):
+                 checksums: bool = True, locked: bool = False):
         self.comm, self.out, self.options, self.op = comm, str(out), options, op
         self.files: dict[int, OutputFile] = (dict(files) if isinstance(files, Mapping)
                                              else dict(enumerate(files)))
         self.inputs, self.markers = tuple(map(str, inputs)), tuple(markers)
         self.dirs, self.shared, self.keep_existing = tuple(dirs), shared, keep_existing
         self.hashing = checksums
+        self.locked = locked   #: the caller holds OUT's lock for longer than this job
         self.owner = comm.rank == 0 or not shared   #: takes, commits and undoes OUT
         self.token = ""
         self.bytes_written = 0
@@ -273,8 +276,9 @@ class OutputCommit:
         if out.exists() and not out.is_dir():
             raise UsageError(f"{self.out}: exists and is not a directory")
         self._mkdirs(out)
-        self._lock = OutputLock(self.out, self.op)
-        self._lock.acquire()
+        if not self.locked:
+            self._lock = OutputLock(self.out, self.op)
+            self._lock.acquire()
         existing = [p for p in out.iterdir() if p.name != LOCK_NAME]
         if existing and not self.keep_existing and self._remove_leftovers(existing):
             existing = []

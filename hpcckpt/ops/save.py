@@ -48,6 +48,7 @@ from ..storage import training as tdir
 from ..storage.atomic import atomic_write_bytes, json_bytes
 from ..storage.chunkio import copy_runs
 from ..storage.inputs import rank_dirs
+from ..storage.lock import OutputLock
 from .common import build_manifest
 from .commit import OutputCommit, WriteOptions
 
@@ -87,6 +88,7 @@ class _Tree:
         self.suffix = 0
         self.records: list[tdir.StepRecord] = []
         self.strategy_file = STRATEGY_FILE
+        self.lock: OutputLock | None = None   #: rank 0, from open() to release()
         # this rank's file layout; only its name changes from step to step
         self.layout = rank_file(strategy, prefix, rank, plan, path="")
 
@@ -103,6 +105,10 @@ class _Tree:
         with comm.step(f"open {root}"):
             if comm.rank == 0:
                 root.mkdir(parents=True, exist_ok=True)
+                # one manager per directory: another one's cleanup would remove this
+                # one's uncommitted files, its rotation this one's steps
+                self.lock = OutputLock(str(root), "hpcckpt save")
+                self.lock.acquire()
                 (root / tdir.RECORDS).mkdir(exist_ok=True)
                 records = tdir.list_records(root)
                 self.strategy_file = _adopt_strategy(root, self.strategy, fsync)
@@ -127,6 +133,11 @@ class _Tree:
                     tdir.write_latest(root, records[-1], fsync)   # repair after a crash
         self.suffix = int(comm.allreduce_max(suffix))
 
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     # ---- one step ----------------------------------------------------------------------
     def write_step(self, comm: Comm, segments: list[_Segment], epoch: int, step: int,
                    keep_max: int, extra: dict | None, fsync: bool) -> dict:
@@ -139,7 +150,7 @@ class _Tree:
         opts = WriteOptions(fsync=fsync, progress=False)
         try:
             with OutputCommit(comm, self.directory, {self.rank: f}, options=opts,
-                              op="hpcckpt save", keep_existing=True) as job:
+                              op="hpcckpt save", keep_existing=True, locked=True) as job:
                 job.create([self.rank])
                 with comm.step("write"):
                     for sg in segments:
@@ -440,11 +451,15 @@ class CheckpointManager:
                                 if integrated else None)
         self._trees = [t for t in (self._main, self._network, self._integrated)
                        if t is not None]
-        for tree in (self._main, self._network):
-            if tree is not None:
-                tree.open(comm, fsync)
-        if self._integrated is not None:
-            self._integrated.clean(comm, fsync)
+        try:
+            for tree in (self._main, self._network):
+                if tree is not None:
+                    tree.open(comm, fsync)
+            if self._integrated is not None:
+                self._integrated.clean(comm, fsync)
+        except BaseException:
+            self._release_locks()
+            raise
         self._io = comm
         if self.async_save:
             self._io = _duplicate(comm)
@@ -519,8 +534,14 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._staging = None
+            self._release_locks()
             if self._io is not self.comm and self._io.mpi is not None:
                 self._io.mpi.Free()
+
+    def _release_locks(self) -> None:
+        for tree in (self._main, self._network):
+            if tree is not None:
+                tree.release()
 
     def latest(self) -> tuple[int, int] | None:
         """(epoch, step) of the newest committed step in the directory, or None."""

@@ -257,3 +257,42 @@ def test_manager_carries_a_model_directory_once(tmp_path):
     assert str(e.value) == (f"hf_dir {hf / 'config.json'}: not a directory (give the model "
                             "directory whose config and tokenizer files to carry)")
     assert not (tmp_path / "c2").exists()
+
+
+def test_one_manager_per_directory(tmp_path):
+    """A second manager on a directory in use is refused before it cleans anything up:
+    its cleanup would remove the first one's uncommitted step, its rotation its steps."""
+    import subprocess
+    import sys
+    import textwrap
+    s = one_rank()
+    d = tmp_path / "c"
+    strategy = tmp_path / "s.yaml"
+    from hpcckpt.layout import write_strategy_yaml
+    write_strategy_yaml(s, str(strategy))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, hpcckpt
+        from hpcckpt.ops.save import CheckpointManager
+        m = CheckpointManager({str(d)!r}, hpcckpt.load_strategy({str(strategy)!r}), None)
+        print("open", flush=True)
+        sys.stdin.readline()
+        m.close()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        (d / "rank_0" / "CKP_rank_0-1_1.safetensors.0badf00d.partial").write_bytes(b"x")
+        with pytest.raises(UsageError) as e:
+            CheckpointManager(d, s, None)
+        assert str(e.value).startswith(f"{d}: another job is writing this output directory "
+                                       f"(hpcckpt save, pid {holder.pid} on ")
+        assert (d / "rank_0" / "CKP_rank_0-1_1.safetensors.0badf00d.partial").exists()
+    finally:
+        holder.communicate("\n", timeout=60)
+    with CheckpointManager(d, s, None) as m:      # the first one closed: free again
+        with pytest.raises(UsageError) as e:
+            CheckpointManager(d, s, None)
+        assert str(e.value) == (f"{d}: another job is writing this output directory "
+                                "(hpcckpt save in this process); wait for it to end or "
+                                "choose another output directory")
+        assert m.save(state_at(s, 1), 1, 1)
+    assert not (d / "rank_0" / "CKP_rank_0-1_1.safetensors.0badf00d.partial").exists()
