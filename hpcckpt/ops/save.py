@@ -45,7 +45,7 @@ from ..planning.outputs import OutputFile, hf_files, hf_index, rank_file
 from ..planning.runs import strided_runs
 from ..storage import model_files
 from ..storage import training as tdir
-from ..storage.atomic import atomic_write_bytes, json_bytes
+from ..storage.atomic import PARTIAL, atomic_write_bytes, json_bytes
 from ..storage.chunkio import copy_runs
 from ..storage.inputs import rank_dirs
 from ..storage.lock import OutputLock
@@ -309,7 +309,11 @@ def _adopt_strategy(root: Path, strategy: Strategy, fsync: bool) -> str:
 def _carry_model_files(root: Path, carried: list[model_files.ModelFile], fsync: bool) -> None:
     """Write the model directory's non-weight files under ``root/model_files/`` once (every
     step's record lists them; a resumed run finds them there). A file an earlier run
-    carried with other contents is refused: the committed steps' records name its bytes."""
+    carried with other contents is refused: the committed steps' records name its bytes.
+    A temporary file a killed run left there is removed (the caller holds the lock)."""
+    for tmp in (root / MODEL_FILES_DIR).rglob(f"*{PARTIAL}"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
     for f in carried:
         path = root / MODEL_FILES_DIR / f.path
         if path.is_file() and not path.is_symlink():

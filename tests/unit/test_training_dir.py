@@ -239,8 +239,12 @@ def test_manager_carries_a_model_directory_once(tmp_path):
             entries = json.loads(rec.read_text())["model_files"]
             assert sorted(entries) == sorted(want)
             assert entries["config.json"]["size"] == len('{"model_type": "bert"}')
-    # a resumed run with the same directory: nothing to do; with a changed file: refused
+    # a resumed run with the same directory: nothing to do (a killed run's temporary file
+    # is removed); with a changed file: refused
+    torn = d / "model_files" / "1_Pooling" / "config.json.4242-0badf00d.partial"
+    torn.write_bytes(b'{"wor')
     with CheckpointManager(d, s, None, keep_max=0, hf_dir=hf) as m:
+        assert not torn.exists()
         m.save(state_at(s, 3), 1, 3)
     old = json.loads((d / "commits" / "000001-1_1.json").read_text())["model_files"]
     (hf / "config.json").write_text('{"model_type": "gpt2"}')
