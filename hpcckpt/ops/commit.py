@@ -49,10 +49,9 @@ from ..planning.runs import StridedRuns, tile_contiguous
 from ..storage.atomic import atomic_write_bytes, fsync_dir, io_error, new_token, partial_name
 from ..storage.chunkio import write_runs_to_file
 from ..storage.lock import LOCK_NAME, OutputLock
-from ..storage.fileio import pread_into, pwrite_all, start_writeback
+from ..storage.fileio import DEFAULT_BUFFER, pread_into, pwrite_all, start_writeback
 from .progress import Progress
 
-DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
 #: test hook: seconds to sleep after each written tile, so tests can interrupt a run
 #: (or start a second job) mid-write deterministically instead of racing the disk
 DELAY_ENV = "HPCCKPT_TEST_WRITE_DELAY"

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import CheckpointIOError, FormatError
 
 # ---- positioned I/O --------------------------------------------------------------
+DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
