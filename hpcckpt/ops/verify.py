@@ -633,13 +633,8 @@ def check_items(root: str, items: list[CheckItem], begins: dict, dtypes: dict[st
             while pos < it.hi:
                 n = min(step, it.hi - pos)
                 view = mv[:n]
-                try:   # one call when it fills the view; else pread_into names what failed
-                    try:
-                        full = os.preadv(fd, [view], base + pos) == n
-                    except OSError:
-                        full = False
-                    if not full:
-                        pread_into(fd, view, base + pos, path)
+                try:
+                    pread_into(fd, view, base + pos, path)
                 except CheckpointIOError as e:
                     problems.append(Problem("io", _strip(str(e), path).split(": ", 1)[-1]
                                             if ": " in str(e) else str(e), it.file, it.tensor,
