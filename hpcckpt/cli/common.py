@@ -19,13 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..comm.rounds import DEFAULT_BUDGET, DEFAULT_MAX_MESSAGE
 from ..errors import UsageError
-from ..ops.filecopy import DEFAULT_BUFFER, CopyOptions
-from ..ops.result import OpResult
+from ..storage.fileio import DEFAULT_BUFFER
 from ..units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from ..ops.filecopy import CopyOptions
+    from ..ops.result import OpResult
 
 #: Below these an exchange degenerates into millions of tiny MPI calls (a 0.65 s load
 #: took minutes with 1-byte messages); the API keeps its own small limits for tests.
@@ -131,9 +134,11 @@ def add_simulate_options(p: argparse.ArgumentParser) -> None:
 
 
 def copy_options(args) -> CopyOptions:
-    return CopyOptions(buffer_size=args.buffer_size, fsync=not getattr(args, "no_fsync", False),
-                       dry_run=args.dry_run, overwrite=getattr(args, "overwrite", False),
-                       progress=not args.json)
+    from ..ops import filecopy  # on use: start-up is every rank's wall time
+    return filecopy.CopyOptions(buffer_size=args.buffer_size,
+                                fsync=not getattr(args, "no_fsync", False),
+                                dry_run=args.dry_run, overwrite=getattr(args, "overwrite", False),
+                                progress=not args.json)
 
 
 def examples(text: str) -> str:

@@ -6,11 +6,15 @@ as ``{"error": ..., "ranks": [...]}`` on stdout), and every rank exits non-zero
 protocol aborts the MPI job rather than leaving other ranks waiting.
 
 A new command is a module ``hpcckpt/cli/<cmd>.py`` with ``register(sub)``, added to
-``COMMANDS`` below; see ``cli/common.py`` for the options every command shares.
+``COMMANDS`` below; see ``cli/common.py`` for the options every command shares. A run
+imports and registers only the command it names (start-up is every rank's wall time:
+the ten parsers take ~30 ms to build); ``hpcckpt --help`` and usage errors before the
+command build them all.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -18,20 +22,11 @@ import traceback
 
 from .. import __version__
 from ..errors import HpcckptError, RankFailure
-from . import convert as convert_cmd
-from . import inspect as inspect_cmd
-from . import jobs as jobs_cmd
-from . import load as load_cmd
-from . import merge as merge_cmd
-from . import reshard as reshard_cmd
-from . import save as save_cmd
-from . import split as split_cmd
-from . import strategy as strategy_cmd
-from . import verify as verify_cmd
 from .common import print_result
 
-COMMANDS = (inspect_cmd, split_cmd, merge_cmd, reshard_cmd, load_cmd, save_cmd, strategy_cmd,
-            jobs_cmd, convert_cmd, verify_cmd)
+#: the command names, each the module ``hpcckpt/cli/<name>.py``, in ``--help`` order
+COMMANDS = ("inspect", "split", "merge", "reshard", "load", "save", "strategy", "jobs",
+            "convert", "verify")
 
 #: 128 + SIGPIPE: what a shell reports for a tool whose reader went away (`| head`)
 EXIT_BROKEN_PIPE = 141
@@ -79,7 +74,18 @@ class Parser(argparse.ArgumentParser):
         return None
 
 
-def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
+def named_command(argv: list[str]) -> str | None:
+    """The command ``argv`` runs, when it names one before anything but ``--debug``
+    (any other root option, e.g. ``--help``, needs every command's parser)."""
+    for arg in argv:
+        if arg != "--debug":
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(json_errors: bool = False, command: str | None = None
+                 ) -> argparse.ArgumentParser:
+    """The root parser with every command, or with ``command`` only."""
     parser_class = type("Parser", (Parser,), {"json_errors": json_errors})
     p = parser_class(
         prog="hpcckpt", description="Distributed safetensors checkpoints over MPI: split, merge, "
@@ -87,8 +93,8 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"hpcckpt {__version__}")
     p.add_argument("--debug", action="store_true", help="tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in COMMANDS:
-        mod.register(sub)
+    for name in COMMANDS if command is None else (command,):
+        importlib.import_module(f".{name}", __package__).register(sub)
     for leaf in _subparsers(p):  # --debug is also accepted after the command
         if "--debug" not in leaf._option_string_actions:
             leaf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -118,7 +124,7 @@ def chosen_parser(p: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(json_errors="--json" in argv)
+    parser = build_parser(json_errors="--json" in argv, command=named_command(argv))
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, with its usage line
         chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")

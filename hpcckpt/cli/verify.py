@@ -50,8 +50,9 @@ def register(sub) -> None:
                    help="read only shard I of N (from 0) of the stored bytes, for a job array "
                         "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN); shard 0 also reports "
                         "the per-checkpoint checks (commit record, headers, coverage)")
-    p.add_argument("--buffer-size", type=parse_size, default=8 << 20, metavar="SIZE",
-                   help="read buffer per rank (default 8.00 MiB)")
+    p.add_argument("--buffer-size", type=parse_size, metavar="SIZE",
+                   help="read buffer per rank (default 256 KiB, 8 MiB with --finite or "
+                        "--against)")
     add_output_options(p, reads_only=True)
     p.set_defaults(run=run, prints_itself=True)
 

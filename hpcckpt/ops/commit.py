@@ -52,13 +52,12 @@ from ..storage.atomic import (PARTIAL, atomic_write_bytes, fsync_dir, io_error, 
                               partial_name)
 from ..storage.chunkio import write_runs_to_file
 from ..storage.lock import LOCK_NAME, OutputLock
-from ..storage.fileio import pread_into, pwrite_all, start_writeback
+from ..storage.fileio import DEFAULT_BUFFER, pread_into, pwrite_all, start_writeback
 from .progress import Progress
 
 #: a temporary file of some job (``partial_name``): ``<file>.<8 hex digits>.partial``
 _LEFTOVER = re.compile(r".+\.[0-9a-f]{8}" + re.escape(PARTIAL))
 
-DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
 #: test hook: seconds to sleep after each written tile, so tests can interrupt a run
 #: (or start a second job) mid-write deterministically instead of racing the disk
 DELAY_ENV = "HPCCKPT_TEST_WRITE_DELAY"

@@ -941,6 +941,24 @@ def test_every_command_takes_json_and_dry_run():
         assert {"--json", "--dry-run", "--debug"} <= set(p._option_string_actions), p.prog
 
 
+def test_a_run_builds_only_the_command_it_names():
+    """Start-up is every rank's wall time: `hpcckpt verify` imports no other command, no
+    copy machinery and no numpy; its parser is the full parser's `verify`."""
+    from hpcckpt.cli.main import build_parser, named_command
+    assert named_command(["--debug", "verify", "dist/"]) == "verify"
+    assert named_command(["--help", "verify"]) is None and named_command(["bogus"]) is None
+    assert named_command([]) is None
+    argv = ["--debug", "verify", "dist/", "--quick", "--json"]
+    assert build_parser().parse_args(argv) == build_parser(command="verify").parse_args(argv)
+    code = ("import sys; from hpcckpt.cli.main import build_parser; "
+            "build_parser(command='verify'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('hpcckpt.cli.', 'hpcckpt.ops', "
+            "'numpy'))))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert eval(p.stdout) == ["hpcckpt.cli.common", "hpcckpt.cli.main", "hpcckpt.cli.verify"]
+
+
 def test_read_only_commands_accept_dry_run_and_json(data):
     a = json.loads(ok(cli(["inspect", data["dist8"], "--json"])).stdout)
     b = json.loads(ok(cli(["inspect", data["dist8"], "--dry-run", "--json", "--debug"])).stdout)

@@ -175,6 +175,35 @@ def test_preadv_into_short_file(tmp_path):
         os.close(fd)
 
 
+def test_pread_into_one_call_when_full_else_the_same_errors(tmp_path, monkeypatch):
+    """pread_into's one-call fast path: a full read is one os.preadv; a short read and
+    a failing read give preadv_into's errors, word for word."""
+    from hpcckpt.errors import CheckpointIOError
+    from hpcckpt.storage.fileio import pread_into
+    p = tmp_path / "short"
+    p.write_bytes(bytes(range(100)))
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: calls.append(a[2]) or real(*a))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        buf = bytearray(40)
+        pread_into(fd, memoryview(buf), 50, str(p))
+        assert buf == bytes(range(50, 90)) and calls == [50]
+        with pytest.raises(CheckpointIOError) as e:
+            pread_into(fd, memoryview(buf), 80, str(p))
+        assert str(e.value) == f"{p}: file ends before byte 120 (read bytes 80-120)"
+
+        def eio(*a):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(os, "preadv", eio)
+        with pytest.raises(CheckpointIOError) as e:
+            pread_into(fd, memoryview(buf), 0, str(p))
+        assert str(e.value) == f"{p}: read of bytes 0-40 failed: Input/output error"
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("shape,box", [
     ((6, 4, 2048), ((1, 0, 0), (4, 4, 1024))),     # 1 KiB runs: numpy strided copy
     ((6, 4, 8192), ((1, 1, 4096), (4, 2, 4096))),  # 4 KiB runs: slice per run
