@@ -137,13 +137,19 @@ class ManifestReader(SafetensorsReader):
         tensors = {name: TensorInfo(name, shape, dtype) for name, (shape, dtype) in m.shapes.items()}
         checked: set[str] = set()
 
+        def derived_chunks(name: str, within: Box | None = None) -> list[SourceChunk] | None:
+            derived = m.derived_chunks(name, within)
+            if derived is None:
+                return None
+            for f in {f for _, fs, _ in derived for f in fs} - checked:
+                safe_join(path, f, where)
+                checked.add(f)
+            return [SourceChunk(b, fs, ss) for b, fs, ss in derived]
+
         def chunks(name: str) -> list[SourceChunk]:
-            derived = m.derived_chunks(name)
+            derived = derived_chunks(name)
             if derived is not None:   # laid out by the (validated) strategy: they tile it
-                for f in {f for _, fs, _ in derived for f in fs} - checked:
-                    safe_join(path, f, where)
-                    checked.add(f)
-                return [SourceChunk(b, fs, ss) for b, fs, ss in derived]
+                return derived
             entries = []
             for box, f, checksum in m.records(name):
                 if f not in checked:  # a path check per file, not per chunk (1024 ranks:
@@ -155,7 +161,8 @@ class ManifestReader(SafetensorsReader):
             return got
 
         layout = _manifest_layout(path, m, strategy, meta)
-        source = SourceIndex(tensors.values(), chunks, redundancy=m.redundancy)
+        source = SourceIndex(tensors.values(), chunks, redundancy=m.redundancy,
+                             meeting=derived_chunks)
         if not lazy:
             for name in tensors:
                 source.chunks(name)
