@@ -42,17 +42,22 @@ def opened(comm, before: int) -> list[list[str]]:
     return allgather(comm, names)
 
 
+def write_dist(comm, tmp):
+    """tmp/dist: the model split for dp2 x tp2 (rank 0 writes the model file)."""
+    if rank_size(comm)[0] == 0:
+        head, _ = build_header([(n, "F32", s) for n, s in SHAPES.items()])
+        with open(tmp / "model.safetensors", "wb") as f:
+            f.write(head + b"".join(a.tobytes() for a in full().values()))
+    barrier(comm)
+    hpcckpt.split(str(tmp / "model.safetensors"), str(tmp / "dist"),
+                  strategy({"dp": 2, "tp": 2}, ["tp", None]), comm=comm, options=OPTS)
+    return tmp / "dist"
+
+
 @pytest.mark.timeout(120)
 def test_manifest_and_strategy_opened_once_per_job(comm, shared_tmp):
     rank, size = rank_size(comm)
-    if rank == 0:
-        head, _ = build_header([(n, "F32", s) for n, s in SHAPES.items()])
-        with open(shared_tmp / "model.safetensors", "wb") as f:
-            f.write(head + b"".join(a.tobytes() for a in full().values()))
-    barrier(comm)
-    src = strategy({"dp": 2, "tp": 2}, ["tp", None])
-    hpcckpt.split(str(shared_tmp / "model.safetensors"), str(shared_tmp / "dist"), src,
-                  comm=comm, options=OPTS)
+    write_dist(comm, shared_tmp)
     once = [["manifest.json", "strategy.yaml"]] + [[]] * (size - 1)
 
     n = len(reader.OPENED)
@@ -95,15 +100,7 @@ def test_node_local_metadata_read_once_per_host(comm, shared_tmp):
     and broadcasts them on the host; where each rank has its own copy, each reads its
     own; a rank whose copy lacks its manifest fails the job with its own error."""
     rank, size = rank_size(comm)
-    if rank == 0:
-        head, _ = build_header([(n, "F32", s) for n, s in SHAPES.items()])
-        with open(shared_tmp / "model.safetensors", "wb") as f:
-            f.write(head + b"".join(a.tobytes() for a in full().values()))
-    barrier(comm)
-    src = strategy({"dp": 2, "tp": 2}, ["tp", None])
-    dist = shared_tmp / "dist"
-    hpcckpt.split(str(shared_tmp / "model.safetensors"), str(dist), src, comm=comm,
-                  options=OPTS)
+    dist = write_dist(comm, shared_tmp)
     dst = strategy({"tp": 3}, [None, "tp"])
     both = ["manifest.json", "strategy.yaml"]
 
