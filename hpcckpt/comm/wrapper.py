@@ -62,6 +62,22 @@ class Comm:
     def allreduce_sum(self, value: int) -> int:
         return value if self.mpi is None else self.mpi.allreduce(value)
 
+    @contextlib.contextmanager
+    def node(self) -> Iterator["Comm"]:
+        """The ranks of this communicator on this rank's host (``COMM_TYPE_SHARED``), in
+        rank order, freed on leaving; this Comm itself without MPI. Collective."""
+        if self.mpi is None:
+            yield self
+            return
+        from mpi4py import MPI
+        sub = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            node = Comm(sub)
+            node.debug = self.debug
+            yield node
+        finally:
+            sub.Free()
+
     # ---- buffer collectives --------------------------------------------------
     def alltoall_int64(self, rows: list[list[int]]) -> list[list[int]]:
         """Row j (k integers, the same k on every rank) goes to rank j; returns the row

@@ -192,10 +192,12 @@ class Strategy:
             used.add(PP_AXIS)
         return tuple(n for n in self.mesh.names if n in used)
 
-    def chunks(self, name: str) -> list[tuple[Box, tuple[int, ...]]]:
-        """Distinct non-empty boxes of ``name`` with the ranks holding each (replicas), sorted.
+    def chunks(self, name: str, within: Box | None = None) -> list[tuple[Box, tuple[int, ...]]]:
+        """Distinct non-empty boxes of ``name`` with the ranks holding each (replicas), sorted
+        by their first rank; with ``within``, only the boxes meeting it.
 
-        Cost is O(distinct boxes x replicas), never a scan of every rank per box.
+        Cost is O(distinct boxes x replicas), never a scan of every rank per box; with
+        ``within`` and a grid layout, O(boxes meeting it x replicas).
         """
         t = self.by_name[name]
         if t.boxes is not None:
@@ -203,22 +205,107 @@ class Strategy:
             for r, b in sorted(t.boxes.items()):
                 if not b.is_empty():
                     groups.setdefault(b, []).append(r)
-            return sorted(((b, tuple(rs)) for b, rs in groups.items()), key=lambda x: x[1][0])
-        used = self.used_axes(t)
-        # replica ranks of a box = its base rank + every offset over the free axes; the
-        # offsets are computed once per tensor (sorted, so base + offsets stays sorted)
-        free_offsets = [0]
+            out = sorted(((b, tuple(rs)) for b, rs in groups.items()), key=lambda x: x[1][0])
+            return out if within is None else [c for c in out if within.intersect(c[0])]
+        free = self._free_offsets(t)
+        factors = self._dim_pieces(t)
+        if factors is None:
+            return self._chunks_by_coords(t, free, within)
+        return [(box, tuple(base + o for o in free))
+                for _, box, base in self._grid_chunks(factors, within)]
+
+    def chunk_positions(self, name: str, within: Box) -> list[tuple[int, Box, tuple[int, ...]]]:
+        """(position in ``chunks(name)``, box, replicas) of the boxes meeting ``within``, in
+        that order: what a manifest listing one checksum per chunk needs to find a box's
+        own without building the others. O(boxes meeting it) when every box of the grid
+        is non-empty; otherwise positions shift past the empty ones: every box is built."""
+        t = self.by_name[name]
+        factors = self._dim_pieces(t) if t.boxes is None else None
+        if factors is None or not factors[2]:
+            return [(i, b, r) for i, (b, r) in enumerate(self.chunks(name))
+                    if within.intersect(b)]
+        free = self._free_offsets(t)
+        return [(i, box, tuple(base + o for o in free))
+                for i, box, base in self._grid_chunks(factors, within)]
+
+    def _free_offsets(self, t: TensorSpec) -> list[int]:
+        """Replica ranks of a box = its first rank + each of these offsets over the axes
+        that do not move the tensor's box (computed once per tensor, sorted, so first
+        rank + offsets stays sorted)."""
+        used, offsets = self.used_axes(t), [0]
         for n in self.mesh.names:
             if n not in used:
                 st = self.mesh.strides[n]
-                free_offsets = [o + i * st for o in free_offsets for i in range(self.mesh.sizes[n])]
-        free_offsets.sort()
-        zeros = {n: 0 for n in self.mesh.names}
+                offsets = [o + i * st for o in offsets for i in range(self.mesh.sizes[n])]
+        return sorted(offsets)
+
+    @staticmethod
+    def _grid_chunks(factors, within: Box | None) -> list[tuple[int, Box, int]]:
+        """(position, box, first rank) of a grid tensor's boxes meeting ``within``, by rank."""
+        base0, pieces, _ = factors
+        if within is not None:
+            pieces = [[p for p in dim if max(p[0], lo) < min(p[0] + p[1], hi)]
+                      for dim, lo, hi in zip(pieces, within.offsets, within.ends)]
+        out = [(sum(p[3] for p in combo),
+                Box(tuple(p[0] for p in combo), tuple(p[1] for p in combo)),
+                base0 + sum(p[2] for p in combo)) for combo in itertools.product(*pieces)]
+        out.sort(key=lambda x: x[2])
+        return out
+
+    def _dim_pieces(self, t: TensorSpec
+                    ) -> tuple[int, list[list[tuple[int, int, int, int]]], bool] | None:
+        """A grid tensor's boxes as a product over its dimensions: (the rank offset of its
+        stage, per dimension the non-empty (offset, size, rank offset, position offset)
+        pieces, whether no piece was empty). Each mesh axis then moves exactly one
+        dimension, so the product's boxes are the boxes of the ranks whose coordinates
+        make them, ordered by rank like the coordinates' mixed-radix number, which is
+        their position in ``chunks`` when no box is empty. None for layouts where that
+        does not hold (an axis splitting two dimensions, ZeRO over a split axis, pp both
+        stage and split axis, scalars): ``_chunks_by_coords``."""
+        axes = [a for dim_axes in t.split for a in dim_axes]
+        staged = t.stage is not None and PP_AXIS in self.mesh.sizes
+        if (not t.shape or len(set(axes)) != len(axes) or t.zero in axes
+                or (staged and (PP_AXIS in axes or t.zero == PP_AXIS))):
+            return None
+        sizes, strides = self.mesh.sizes, self.mesh.strides
+        # the position of a box among the tensor's boxes, by the axes that move it
+        moving, dense, step = set(axes) | {t.zero} - {None}, {}, 1
+        for n in reversed(self.mesh.names):
+            if n in moving:
+                dense[n], step = step, step * sizes[n]
+        pieces, complete = [], True
+        for dim, length in enumerate(t.shape):
+            dim_axes = t.split[dim] if dim < len(t.split) else ()
+            parts = 1
+            for a in dim_axes:
+                parts *= sizes[a]
+            dim_pieces = []
+            for index in range(parts):
+                start, size = array_split_piece(length, parts, index)
+                rank, position, rest = 0, 0, index   # the axes' coordinates: first name major
+                for a in reversed(dim_axes):
+                    rest, c = divmod(rest, sizes[a])
+                    rank, position = rank + c * strides[a], position + c * dense[a]
+                if dim == 0 and t.zero is not None:
+                    z = sizes[t.zero]
+                    for i in range(z):
+                        zs, zn = array_split_piece(size, z, i)
+                        dim_pieces.append((start + zs, zn, rank + i * strides[t.zero],
+                                           position + i * dense[t.zero]))
+                else:
+                    dim_pieces.append((start, size, rank, position))
+            complete = complete and all(p[1] for p in dim_pieces)
+            pieces.append([p for p in dim_pieces if p[1]])
+        return (t.stage * strides[PP_AXIS] if staged else 0), pieces, complete
+
+    def _chunks_by_coords(self, t: TensorSpec, free_offsets: list[int], within: Box | None
+                          ) -> list[tuple[Box, tuple[int, ...]]]:
+        used, zeros = self.used_axes(t), {n: 0 for n in self.mesh.names}
         out = []
         for values in itertools.product(*(self._axis_range(t, a) for a in used)):
             coords = dict(zip(used, values))
             box = self._grid_box(t, {**zeros, **coords})
-            if box is None or box.is_empty():
+            if box is None or box.is_empty() or (within is not None and not within.intersect(box)):
                 continue
             base = self.mesh.rank_of(coords)
             out.append((box, tuple(base + o for o in free_offsets)))

@@ -66,8 +66,13 @@ def plan_node_local(source: SourceIndex, strategy: Strategy, rank: int, size: in
         holders = ranks if assignment is None else (assignment[(name, box)],)
         return tuple(sorted({d % size for d in holders}))
 
+    known: dict[tuple[str, ...], list[int]] = {}   # a chunk's files -> their holders
+
     def holders_of(c: SourceChunk, t: TensorInfo) -> list[int]:
-        holders = sorted({j for d in c.rank_dirs() for j in dir_holders.get(d, ())})
+        holders = known.get(c.files)
+        if holders is None:   # asked once per receiver of the chunk: worked out once
+            holders = known[c.files] = sorted({j for d in c.rank_dirs()
+                                               for j in dir_holders.get(d, ())})
         if not holders:
             raise FormatError(f"tensor {t.name!r} chunk {c.box}: no rank has "
                               f"{' or '.join(c.files)} on its node")

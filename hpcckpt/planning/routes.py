@@ -110,22 +110,20 @@ def destinations_touching(strategy, mine: Iterable[tuple[str, Box]],
     may be chosen to provide. Only those tensors' destination chunks are examined, so
     one rank of a 1024-rank job never enumerates the whole job.
     """
-    want: dict[str, set[Box]] = {}
+    want: dict[str, dict[Box, tuple[int, ...]]] = {}   # tensor -> its boxes -> holders
     for name, box in mine:
-        want.setdefault(name, set()).add(box)
-    regions: dict[str, list[Box]] = {}
+        for d, ranks in strategy.chunks(name, box):
+            if d == box:
+                want.setdefault(name, {})[d] = ranks
     for name, box in provided:
-        regions.setdefault(name, []).append(box)
-    for name, boxes in regions.items():
-        for d, _ in strategy.chunks(name):
-            if any(d.intersect(b) is not None for b in boxes):
-                want.setdefault(name, set()).add(d)
+        for d, ranks in strategy.chunks(name, box):
+            want.setdefault(name, {})[d] = ranks
     out = []
     for i, t in enumerate(strategy.tensors):
         if t.name not in want:
             continue
         info = t.info
-        for box, ranks in strategy.chunks(t.name):
-            if box in want[t.name]:
-                out.append((i, info, box, receivers(t.name, box, ranks) if receivers else ranks))
+        # in the strategy's chunk order (by first holder), as every rank enumerates them
+        for box, ranks in sorted(want[t.name].items(), key=lambda x: x[1][0]):
+            out.append((i, info, box, receivers(t.name, box, ranks) if receivers else ranks))
     return out

@@ -34,9 +34,13 @@ class SourceIndex:
 
     def __init__(self, tensors: Iterable[TensorInfo],
                  chunks: Mapping[str, list[SourceChunk]] | Callable[[str], list[SourceChunk]],
-                 redundancy: str = "full"):
+                 redundancy: str = "full",
+                 meeting: Callable[[str, Box], list[SourceChunk] | None] | None = None):
+        """``meeting(name, box)``: the chunks of ``name`` meeting ``box``, in the order of
+        ``chunks(name)``, found without building the others (None: not for this tensor)."""
         self.tensors: dict[str, TensorInfo] = {t.name: t for t in tensors}
         self._chunks = chunks if callable(chunks) else dict(chunks).__getitem__
+        self._meeting = meeting
         self._cache: dict[str, list[SourceChunk]] = {}
         self.redundancy = redundancy
 
@@ -48,8 +52,12 @@ class SourceIndex:
 
     def overlapping(self, name: str, box: Box) -> list[tuple[SourceChunk, Box]]:
         """Stored chunks of ``name`` meeting ``box``, with the common region."""
+        chunks = self._cache.get(name)
+        if chunks is None and self._meeting is not None:
+            # a rank of a 1024-rank job meets one or two of a tensor's hundreds of chunks
+            chunks = self._meeting(name, box)
         out = []
-        for c in self.chunks(name):
+        for c in self.chunks(name) if chunks is None else chunks:
             common = c.box.intersect(box)
             if common is not None:
                 out.append((c, common))
@@ -134,13 +142,13 @@ def strategy_source(strategy: Strategy, file_of_rank: Callable[[int], str],
     de-duplicated files); by default every rank stores all of its boxes. Chunks are
     computed per tensor on first use, so a 1024-rank strategy costs nothing up front.
     """
-    def chunks(name: str) -> list[SourceChunk]:
+    def chunks(name: str, within: Box | None = None) -> list[SourceChunk]:
         out = []
-        for box, ranks in strategy.chunks(name):
+        for box, ranks in strategy.chunks(name, within):
             files = tuple(file_of_rank(r) for r in ranks if holds is None or holds(r, name))
             if files:
                 out.append(SourceChunk(box, files))
         return out
 
     tensors = [t.info for t in strategy.tensors]
-    return SourceIndex(tensors, chunks)
+    return SourceIndex(tensors, chunks, meeting=chunks)

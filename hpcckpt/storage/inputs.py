@@ -137,13 +137,19 @@ class ManifestReader(SafetensorsReader):
         tensors = {name: TensorInfo(name, shape, dtype) for name, (shape, dtype) in m.shapes.items()}
         checked: set[str] = set()
 
+        def derived_chunks(name: str, within: Box | None = None) -> list[SourceChunk] | None:
+            derived = m.derived_chunks(name, within)
+            if derived is None:
+                return None
+            for f in {f for _, fs, _ in derived for f in fs} - checked:
+                safe_join(path, f, where)
+                checked.add(f)
+            return [SourceChunk(b, fs, ss) for b, fs, ss in derived]
+
         def chunks(name: str) -> list[SourceChunk]:
-            derived = m.derived_chunks(name)
+            derived = derived_chunks(name)
             if derived is not None:   # laid out by the (validated) strategy: they tile it
-                for f in {f for _, fs, _ in derived for f in fs} - checked:
-                    safe_join(path, f, where)
-                    checked.add(f)
-                return [SourceChunk(b, fs, ss) for b, fs, ss in derived]
+                return derived
             entries = []
             for box, f, checksum in m.records(name):
                 if f not in checked:  # a path check per file, not per chunk (1024 ranks:
@@ -155,7 +161,8 @@ class ManifestReader(SafetensorsReader):
             return got
 
         layout = _manifest_layout(path, m, strategy, meta)
-        source = SourceIndex(tensors.values(), chunks, redundancy=m.redundancy)
+        source = SourceIndex(tensors.values(), chunks, redundancy=m.redundancy,
+                             meeting=derived_chunks)
         if not lazy:
             for name in tensors:
                 source.chunks(name)
@@ -408,6 +415,44 @@ def open_input(path: str | Path | CheckpointReader, strategy: Strategy | None = 
     raise FormatError(f"{path}: no reader recognises it")
 
 
+def node_metadata(node, path: Path) -> MetaFiles | None:
+    """Metadata files read once per host when the ranks of ``node`` (one host) each open
+    their own ``path``: if every one of them sees the very same files (same reader, and
+    per file the same resolved path, device, inode, size and modification time, or
+    absent for all), the first reads them and broadcasts their bytes on ``node``
+    (``shared_metadata``); otherwise None and each rank reads its own copy, so a rank
+    whose copy is missing or differs fails as it would alone. Collective over ``node``:
+    each rank's own checks never raise before the collectives."""
+    mine = _metadata_identity(path)
+    seen = node.allgather(mine)
+    if mine is None or any(x != mine for x in seen):   # the same answer on every rank
+        return None
+    return shared_metadata(node, path, mine[0])
+
+
+def _metadata_identity(path: Path) -> tuple | None:
+    """(metadata file names, per file (real path, device, inode, size, mtime) or None
+    when absent) of the reader recognising ``path``; None when none does or it cannot
+    be told (this rank then reads its own and reports what is wrong)."""
+    try:
+        cls = next((c for c in READERS if path.exists() and c.recognise(path)), None)
+        names = cls.metadata_names(path) if cls is not None else ()
+        if not names:
+            return None
+        ids = []
+        for n in names:
+            p = path / n
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                ids.append(None)
+                continue
+            ids.append((os.path.realpath(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return names, tuple(ids)
+    except Exception:  # noqa: BLE001 - never skip the collective the node's ranks wait in
+        return None
+
+
 def _name_map(where: Path, raw: bytes | None, key: str | None) -> dict[str, str]:
     """A JSON file mapping tensor names to file names (``key``: the mapping's field)."""
     if raw is None:
@@ -458,8 +503,13 @@ def open_source(path: str | Path, strategy: Strategy | None, comm, prefix: str |
     plan a checkpoint that is not on this machine: when ``path`` does not exist it is
     taken to be what ``hpcckpt split`` writes for ``strategy`` (full, one file per rank),
     and no file is opened. ``shared``: every rank opens the same ``path``, so its
-    metadata is read once and broadcast (not for node-local paths)."""
+    metadata is read once and broadcast; else (node-local paths) once per host where
+    the host's ranks provably see the same files (``node_metadata``)."""
     if not getattr(comm, "simulated", False) or Path(path).exists():
+        if not shared and getattr(comm, "mpi", None) is not None and comm.size > 1:
+            with comm.node() as node:
+                meta = node_metadata(node, Path(path)) if node.size > 1 else None
+            return open_input(path, strategy, lazy=lazy, meta=meta)
         return open_input(path, strategy, lazy=lazy, comm=comm if shared else None)
     if strategy is None:
         raise UsageError(f"{path}: does not exist; a simulated dry run of a checkpoint that is "

@@ -252,15 +252,26 @@ class ManifestIndex:
                               f"{type(e).__name__}: {e}") from None
         return self._derived(name, t)
 
-    def derived_chunks(self, name: str
+    def derived_chunks(self, name: str, within: Box | None = None
                        ) -> list[tuple[Box, tuple[str, ...], tuple[str, ...]]] | None:
         """(box, files, checksums) per distinct box of a tensor whose chunks the strategy
         gives (format 2 without a chunk list), files in rank order; None for a tensor
         listing its chunks. Such chunks tile the tensor by construction (the strategy
-        was validated), so readers need not check them for overlaps and gaps."""
+        was validated), so readers need not check them for overlaps and gaps.
+
+        ``within``: only the boxes meeting it, in the same order, or None when they are
+        not found without decoding every box (``holders``, or not one file per rank)."""
         t = self._tensors.get(name)
         if self.version == 1 or not isinstance(t, dict) or "chunks" in t:
             return None
+        if within is not None:
+            if t.get("holders") is not None or len(self.files) != self.world_size:
+                return None
+            self._check_derived(name, t, self._strategy_spec_count(name))
+            sums = t["xxh3"]
+            return [(b, tuple(self.files[r] for r in ranks),
+                     (_PREFIX + sums[16 * i:16 * i + 16],) * len(ranks))
+                    for i, b, ranks in self.layout.chunk_positions(name, within)]
         out: dict[Box, tuple[list[str], list[str]]] = {}
         for b, f, s in self._derived(name, t):
             fs, ss = out.setdefault(b, ([], []))

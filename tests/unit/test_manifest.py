@@ -68,6 +68,22 @@ def test_format_2_lists_no_chunk_the_strategy_gives(ckpts):
         assert t["holders"] == [holders[(n, b)] for b, _ in s.chunks(n)], n
 
 
+def test_chunks_meeting_a_box_equal_the_decoded_ones(ckpts):
+    """A planner asks for the chunks meeting one box (decoding only those, by their
+    position in the strategy's chunk order); a dedup manifest (holders) decodes every
+    chunk. Either way: the same chunks, files, checksums and order as decoding all."""
+    from hpcckpt.layout.box import Box
+    for kind in ("full", "dedup"):
+        for name, (shape, _) in SHAPES.items():
+            whole = open_input(str(ckpts[kind]), lazy=True).source
+            decoded = whole.chunks(name)
+            for offs in np.ndindex(*[n + 1 for n in shape]):
+                box = Box(offs, tuple(max(1, (n - o) // 2) for n, o in zip(shape, offs)))
+                fresh = open_input(str(ckpts[kind]), lazy=True).source
+                assert fresh.overlapping(name, box) == whole.overlapping(name, box) == [
+                    (c, c.box.intersect(box)) for c in decoded if c.box.intersect(box)]
+
+
 def test_expanded_equals_every_stored_entry(ckpts):
     """Decoded chunks name exactly the entries the rank files hold, with their bytes'
     checksums (what format 1 listed one by one)."""

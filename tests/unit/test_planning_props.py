@@ -187,6 +187,25 @@ def test_chunk_count_is_len_of_chunks(s: Strategy):
 
 
 @PROPS
+@given(strategies(), st.integers(0, 2**32 - 1))
+def test_chunks_by_dimension_agree_with_chunks_by_coordinates(s: Strategy, seed):
+    # chunks() builds a grid tensor's boxes as a product over its dimensions and, given a
+    # box, only those meeting it (chunk_positions also numbers them): the same boxes,
+    # holders and order as building the box of every coordinate and filtering
+    rnd = random.Random(seed)
+    for t in s.tensors:
+        full = s.chunks(t.name)
+        if t.boxes is None:
+            assert full == s._chunks_by_coords(t, s._free_offsets(t), None), t
+        for _ in range(4):
+            within = Box(tuple(rnd.randint(0, n) for n in t.shape),
+                         tuple(rnd.randint(0, n) for n in t.shape))
+            meeting = [(i, b, r) for i, (b, r) in enumerate(full) if within.intersect(b)]
+            assert s.chunks(t.name, within) == [(b, r) for _, b, r in meeting], (t, within)
+            assert s.chunk_positions(t.name, within) == meeting, (t, within)
+
+
+@PROPS
 @given(strategies())
 def test_yaml_roundtrip_random(s: Strategy):
     back = strategy_from_dict(yaml.safe_load(strategy_to_yaml(s)), where="rt")
