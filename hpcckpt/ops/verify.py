@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import xxhash
 
@@ -139,9 +139,9 @@ class VerifyReport:
                 **self.extra}
 
 
-@dataclass(frozen=True, slots=True)
-class Expect:
-    """What the commit record says a file holds for one tensor."""
+class Expect(NamedTuple):
+    """What the commit record says a file holds for one tensor (a NamedTuple: a
+    1024-rank manifest's files expect 370,176 of them)."""
 
     tensor: str
     dtype: str
@@ -252,23 +252,26 @@ def _manifest_expect(m: ManifestIndex, files: set[str], checksums: bool = True
     out: dict[str, list[Expect]] = {f: [] for f in files}
     names = list(m.shapes)
     if not checksums and m.layout is not None:
-        by_rank, names = set(), []
+        by_rank: dict[str, tuple] = {}     # name -> (dtype, shape)
+        names = []
         for name in m.shapes:
             try:
                 if m.lists_chunks(name) or not m.check_derived(name):
                     names.append(name)     # listed, or one holder per box: its records
                 else:
-                    by_rank.add(name)
+                    shape, dtype = m.shapes[name]
+                    by_rank[name] = (dtype, shape)
             except FormatError:
                 continue    # reported by the coverage step
+        make = Expect._make
         for r, f in enumerate(m.files):
             got = out.get(f)
             if got is None:
                 continue
             for spec, box in m.layout.rank_boxes(r):
-                if spec.name in by_rank and 0 not in box.sizes:
-                    shape, dtype = m.shapes[spec.name]
-                    got.append(Expect(spec.name, dtype, box, shape))
+                known = by_rank.get(spec.name)
+                if known is not None and 0 not in box.sizes:
+                    got.append(make((spec.name, known[0], box, known[1], None)))
     for name in names:
         shape, dtype = m.shapes[name]
         try:
@@ -500,6 +503,9 @@ def check_manifest_files(root: str, m: ManifestIndex, rank: int = 0,
     return out
 
 
+_ABSENT = object()
+
+
 def _check_header(h, rel: str, rank: int, expect: list[Expect], exclusive: bool) -> list[Problem]:
     out = []
     meta = None
@@ -511,39 +517,40 @@ def _check_header(h, rel: str, rank: int, expect: list[Expect], exclusive: bool)
             out.append(Problem("header", "__metadata__ 'hpcckpt' is not a JSON object", rel,
                                rank=rank))
             meta = None
-    listed = set()
+    tensors = h.tensors
     for x in expect:
-        listed.add(x.tensor)
-        e = h.tensors.get(x.tensor)
+        name, dtype, box, gshape, _ = x
+        e = tensors.get(name)
         if e is None:
-            what = "the manifest lists it" if x.box is not None else "the index maps it here"
+            what = "the manifest lists it" if box is not None else "the index maps it here"
             out.append(Problem("mismatch", f"{what} but the header has no such tensor", rel,
-                               x.tensor, _box_text(x), rank=rank))
+                               name, _box_text(x), rank=rank))
             continue
-        rng = (e.begin, e.end)
-        if x.box is not None and (e.dtype != x.dtype or e.shape != x.box.sizes):
+        if box is None:
+            continue
+        if e.dtype != dtype or e.shape != box.sizes:
             out.append(Problem("mismatch", f"header says {e.dtype} {list(e.shape)}, the "
-                               f"manifest {x.dtype} {list(x.box.sizes)}", rel, x.tensor,
-                               _box_text(x), rng, rank))
+                               f"manifest {dtype} {list(box.sizes)}", rel, name,
+                               _box_text(x), (e.begin, e.end), rank))
             continue
-        if meta is not None and x.box is not None and x.tensor in meta:
-            g = meta[x.tensor]
+        g = meta.get(name, _ABSENT) if meta is not None else _ABSENT
+        if g is not _ABSENT:
             try:
                 shape, offsets = tuple(g["shape"]), tuple(g["offsets"])
             except (TypeError, KeyError):
                 shape = offsets = None
-            if shape != x.global_shape or offsets != x.box.offsets:
+            if shape != gshape or offsets != box.offsets:
                 out.append(Problem("mismatch", f"header metadata places it at offsets "
                                    f"{list(offsets) if offsets else offsets} of shape "
                                    f"{list(shape) if shape else shape}, the manifest at "
-                                   f"{list(x.box.offsets)} of {list(x.global_shape)}", rel,
-                                   x.tensor, _box_text(x), rng, rank))
+                                   f"{list(box.offsets)} of {list(gshape)}", rel,
+                                   name, _box_text(x), (e.begin, e.end), rank))
     if exclusive:
-        for name, e in h.tensors.items():
-            if name not in listed and e.nbytes:
-                out.append(Problem("mismatch", "the header holds it but the manifest does not "
-                                   "list it here", rel, name, byte_range=(e.begin, e.end),
-                                   rank=rank))
+        extra = tensors.keys() - {x.tensor for x in expect}
+        if extra:   # reported in header order
+            out += [Problem("mismatch", "the header holds it but the manifest does not list "
+                            "it here", rel, name, byte_range=(e.begin, e.end), rank=rank)
+                    for name, e in tensors.items() if name in extra and e.nbytes]
     return out
 
 
