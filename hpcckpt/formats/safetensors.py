@@ -151,19 +151,7 @@ def parse_header(path: str, raw: bytes, file_size: int) -> SafetensorsHeader:
     tensors: dict[str, TensorEntry] = {}
     spans = []
     for name, t in doc.items():
-        # the common case decided in a few operations; anything else is left to
-        # _checked_entry, which accepts the same entries and names what is wrong
-        try:
-            dtype, shape, (b, e) = t["dtype"], t["shape"], t["data_offsets"]
-            want = math.prod(shape) * DTYPES[dtype][0]
-        except (TypeError, KeyError, ValueError):
-            want = None
-        if not (type(want) is int and type(shape) is list and type(b) is int
-                and type(e) is int and 0 <= b <= e <= data_len and e - b == want
-                and bool not in map(type, shape) and (not shape or min(shape) >= 0)
-                and type(t["data_offsets"]) is list):
-            b, e = _checked_entry(path, name, t, data_len)
-            dtype, shape = t["dtype"], t["shape"]
+        dtype, shape, b, e = _plain_entry(t, data_len) or _checked_entry(path, name, t, data_len)
         tensors[name] = TensorEntry._make((name, dtype, tuple(shape), data_start + b,
                                            data_start + e))
         if b != e:
@@ -180,9 +168,28 @@ def parse_header(path: str, raw: bytes, file_size: int) -> SafetensorsHeader:
     return SafetensorsHeader(path, data_start, file_size, tensors, dict(meta))
 
 
-def _checked_entry(path: str, name: str, t, data_len: int) -> tuple[int, int]:
-    """One tensor entry validated step by step: its relative ``(begin, end)``, or a
-    FormatError naming the first defect."""
+def _plain_entry(t, data_len: int) -> tuple | None:
+    """A valid tensor entry's ``(dtype, shape, begin, end)`` (relative offsets) in a few
+    operations (370,000 entries at 1024 ranks); None for anything else, which
+    ``_checked_entry`` then names. Accepts only what ``_checked_entry`` accepts: the
+    product of the shape is an int only if the shape holds ints (or bools, refused
+    here); only a list of two ints unpacks into two ints (JSON has no tuples, a string or
+    object unpacks into strings)."""
+    try:
+        dtype, shape, (b, e) = t["dtype"], t["shape"], t["data_offsets"]
+        want = math.prod(shape) * DTYPES[dtype][0]
+    except (TypeError, KeyError, ValueError):
+        return None
+    if (type(want) is int and type(shape) is list and type(b) is int and type(e) is int
+            and 0 <= b <= e <= data_len and e - b == want and bool not in map(type, shape)
+            and min(shape, default=0) >= 0):
+        return dtype, shape, b, e
+    return None
+
+
+def _checked_entry(path: str, name: str, t, data_len: int) -> tuple:
+    """One tensor entry validated step by step: its ``(dtype, shape, begin, end)``
+    (relative offsets), or a FormatError naming the first defect."""
     at = f"{path}: tensor {name!r}"
     if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= set(t):
         raise FormatError(f"{at}: entry needs dtype, shape and data_offsets")
@@ -203,7 +210,7 @@ def _checked_entry(path: str, name: str, t, data_len: int) -> tuple[int, int]:
     if e - b != want:
         raise FormatError(f"{at}: {dtype} {shape} needs {want} bytes but data_offsets "
                           f"[{b}, {e}] hold {e - b}")
-    return b, e
+    return dtype, shape, b, e
 
 
 def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]],
