@@ -7,7 +7,9 @@ The protocol (each step collective; a rank that cannot finish a step fails every
              an error (exit 2)
 2. files     files divided round robin: each exists, has its recorded size and no
              trailing bytes, its header parses and agrees with the manifest or index
-             (names, dtypes, shapes, global offsets); no tensor byte is read
+             (names, dtypes, shapes, global offsets); no tensor byte is read. Carried
+             model files (config, tokenizer) exist with their recorded sizes and, with
+             ``--deep``, checksums
 3. coverage  tensors divided round robin: chunks lie inside their tensor, do not
              overlap and tile it exactly (replicas aside); replicas record equal checksums
 4. read      (``--deep``, the default) every stored chunk copy, read once by one rank:
@@ -36,7 +38,8 @@ import xxhash
 from ..comm.wrapper import Comm, as_comm
 from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError, HpcckptError, UsageError
-from ..formats.names import CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST, MS_NAME_MAP
+from ..formats.names import (CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST,
+                             MODEL_FILES_DIR, MS_NAME_MAP)
 from ..formats.safetensors import TensorEntry as Entry, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
@@ -170,6 +173,8 @@ class Target:
     problems: list[Problem] = field(default_factory=list)   #: found while opening (rank 0)
     #: ``expect`` without checksums, cheaper (step 2 compares headers only); None: expect
     expect_headers: Callable[[set[str]], dict[str, list[Expect]]] | None = None
+    #: carried model files (config, tokenizer): {file: (size, checksum)}
+    carried: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 # ---- step 1: recognise PATH -----------------------------------------------------------
@@ -230,7 +235,8 @@ def manifest_target(root: Path, name: str = MANIFEST) -> Target:
                   coverage=lambda t: _manifest_coverage(m, str(root / name), name, t),
                   tensor_names=tuple(m.shapes), exclusive=True, hashed=True,
                   dtypes={n: dt for n, (_, dt) in m.shapes.items()},
-                  expect_headers=lambda fs: _manifest_expect(m, fs, checksums=False))
+                  expect_headers=lambda fs: _manifest_expect(m, fs, checksums=False),
+                  carried={f"{MODEL_FILES_DIR}/{rel}": v for rel, v in m.model_files.items()})
 
 
 def _records(m: ManifestIndex, name: str) -> list[tuple]:
@@ -471,6 +477,31 @@ def check_file(root: str, rel: str, rank: int, expect: list[Expect] | None,
     if expect is not None:
         out += _check_header(h, rel, rank, expect, exclusive)
     return out, entries
+
+
+def check_carried(root: str, rel: str, size: int, checksum: str | None, rank: int
+                  ) -> list[Problem]:
+    """A carried model file (config, tokenizer) exists with its recorded size, and
+    with ``checksum`` its bytes hash to it (small files, read whole)."""
+    path = os.path.join(root, rel)
+    try:
+        with open(path, "rb") as f:
+            got = os.fstat(f.fileno()).st_size
+            if got != size:
+                lo, hi = sorted((got, size))
+                return [Problem("size", f"file is {got} bytes, the manifest records {size}",
+                                rel, byte_range=(lo, hi), rank=rank)]
+            if checksum is None:
+                return []
+            digest = CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(f.read())
+    except FileNotFoundError:
+        return [Problem("missing", "file not found", rel, rank=rank)]
+    except OSError as e:
+        return [Problem("io", f"cannot read: {e.strerror or e}", rel, rank=rank)]
+    if digest != checksum:
+        return [Problem("checksum", f"bytes hash to {digest}, the manifest records {checksum}",
+                        rel, byte_range=(0, size), rank=rank)]
+    return []
 
 
 def _box_text(x: Expect) -> str | None:
@@ -815,6 +846,10 @@ def _run(target: Target, comm: Comm, problems: list[Problem], deep: bool, finite
             problems += found
             if ents is not None:
                 entries[f] = ents
+        carried = list(target.carried.items())
+        for i in divide_round_robin(len(carried), size, rank):
+            f, (want, checksum) = carried[i]
+            problems += check_carried(target.root, f, want, checksum if deep else None, rank)
         if rank == 0:
             for f in target.must_exist:
                 if not os.path.exists(os.path.join(target.root, f)):
