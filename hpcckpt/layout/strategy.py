@@ -16,6 +16,8 @@ from ..dtypes import itemsize
 from .box import Box, array_split_piece
 from .tensor import TensorInfo
 
+_UNSET = object()
+
 PP_AXIS = "pp"
 #: the "format" value of a strategy document (YAML or dict)
 STRATEGY_FORMAT = "hpcckpt.strategy/1"
@@ -166,10 +168,28 @@ class Strategy:
         if not 0 <= rank < self.world_size:
             return
         coords = self.mesh.coords(rank)
+        layouts = self._grid_layouts
+        boxes: dict[int, Box | None] = {}   # the rank's box per grid layout
         for t in self._on_stage.get(coords.get(PP_AXIS), self.tensors):
-            box = t.boxes.get(rank) if t.boxes is not None else self._grid_box(t, coords)
+            if t.boxes is not None:
+                box = t.boxes.get(rank)
+            else:
+                lay = layouts[t.name]
+                box = boxes.get(lay, _UNSET)
+                if box is _UNSET:
+                    box = boxes[lay] = self._grid_box(t, coords)
             if box is not None:
                 yield t, box
+
+    @cached_property
+    def _grid_layouts(self) -> dict[str, int]:
+        """Tensor name -> an id shared by tensors laid out alike (shape, split, stage,
+        zero): one rank holds the same box of each. A stage of a 70B model holds ~360
+        tensors but ~20 layouts (its layers, their optimizer states), so a rank's boxes
+        cost 20 box computations, not 360 (a 1024-rank verify computes 370,176)."""
+        ids: dict[tuple, int] = {}
+        return {t.name: ids.setdefault((t.shape, t.split, t.stage, t.zero), len(ids))
+                for t in self.tensors if t.boxes is None}
 
     @cached_property
     def _on_stage(self) -> dict[int, tuple[TensorSpec, ...]]:

@@ -7,7 +7,9 @@ The protocol (each step collective; a rank that cannot finish a step fails every
              an error (exit 2)
 2. files     files divided round robin: each exists, has its recorded size and no
              trailing bytes, its header parses and agrees with the manifest or index
-             (names, dtypes, shapes, global offsets); no tensor byte is read
+             (names, dtypes, shapes, global offsets); no tensor byte is read. Carried
+             model files (config, tokenizer) exist with their recorded sizes and, with
+             ``--deep``, checksums
 3. coverage  tensors divided round robin: chunks lie inside their tensor, do not
              overlap and tile it exactly (replicas aside); replicas record equal checksums
 4. read      (``--deep``, the default) every stored chunk copy, read once by one rank:
@@ -24,19 +26,22 @@ rank that found it. A damaged checkpoint is a result (exit 1), never an exceptio
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import xxhash
 
 from ..comm.wrapper import Comm, as_comm
 from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError, HpcckptError, UsageError
-from ..formats.names import CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST, MS_NAME_MAP
+from ..formats.names import (CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST,
+                             MODEL_FILES_DIR, MS_NAME_MAP)
 from ..formats.safetensors import TensorEntry as Entry, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
@@ -146,9 +151,9 @@ class VerifyReport:
                 **self.extra}
 
 
-@dataclass(frozen=True, slots=True)
-class Expect:
-    """What the commit record says a file holds for one tensor."""
+class Expect(NamedTuple):
+    """What the commit record says a file holds for one tensor (a NamedTuple: a
+    1024-rank manifest's files expect 370,176 of them)."""
 
     tensor: str
     dtype: str
@@ -177,6 +182,8 @@ class Target:
     problems: list[Problem] = field(default_factory=list)   #: found while opening (rank 0)
     #: ``expect`` without checksums, cheaper (step 2 compares headers only); None: expect
     expect_headers: Callable[[set[str]], dict[str, list[Expect]]] | None = None
+    #: carried model files (config, tokenizer): {file: (size, checksum)}
+    carried: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 # ---- step 1: recognise PATH -----------------------------------------------------------
@@ -237,7 +244,8 @@ def manifest_target(root: Path, name: str = MANIFEST) -> Target:
                   coverage=lambda t: _manifest_coverage(m, str(root / name), name, t),
                   tensor_names=tuple(m.shapes), exclusive=True, hashed=True,
                   dtypes={n: dt for n, (_, dt) in m.shapes.items()},
-                  expect_headers=lambda fs: _manifest_expect(m, fs, checksums=False))
+                  expect_headers=lambda fs: _manifest_expect(m, fs, checksums=False),
+                  carried={f"{MODEL_FILES_DIR}/{rel}": v for rel, v in m.model_files.items()})
 
 
 def _records(m: ManifestIndex, name: str) -> list[tuple]:
@@ -259,23 +267,26 @@ def _manifest_expect(m: ManifestIndex, files: set[str], checksums: bool = True
     out: dict[str, list[Expect]] = {f: [] for f in files}
     names = list(m.shapes)
     if not checksums and m.layout is not None:
-        by_rank, names = set(), []
+        by_rank: dict[str, tuple] = {}     # name -> (dtype, shape)
+        names = []
         for name in m.shapes:
             try:
                 if m.lists_chunks(name) or not m.check_derived(name):
                     names.append(name)     # listed, or one holder per box: its records
                 else:
-                    by_rank.add(name)
+                    shape, dtype = m.shapes[name]
+                    by_rank[name] = (dtype, shape)
             except FormatError:
                 continue    # reported by the coverage step
+        make = Expect._make
         for r, f in enumerate(m.files):
             got = out.get(f)
             if got is None:
                 continue
             for spec, box in m.layout.rank_boxes(r):
-                if spec.name in by_rank and 0 not in box.sizes:
-                    shape, dtype = m.shapes[spec.name]
-                    got.append(Expect(spec.name, dtype, box, shape))
+                known = by_rank.get(spec.name)
+                if known is not None and 0 not in box.sizes:
+                    got.append(make((spec.name, known[0], box, known[1], None)))
     for name in names:
         shape, dtype = m.shapes[name]
         try:
@@ -477,6 +488,31 @@ def check_file(root: str, rel: str, rank: int, expect: list[Expect] | None,
     return out, entries
 
 
+def check_carried(root: str, rel: str, size: int, checksum: str | None, rank: int
+                  ) -> list[Problem]:
+    """A carried model file (config, tokenizer) exists with its recorded size, and
+    with ``checksum`` its bytes hash to it (small files, read whole)."""
+    path = os.path.join(root, rel)
+    try:
+        with open(path, "rb") as f:
+            got = os.fstat(f.fileno()).st_size
+            if got != size:
+                lo, hi = sorted((got, size))
+                return [Problem("size", f"file is {got} bytes, the manifest records {size}",
+                                rel, byte_range=(lo, hi), rank=rank)]
+            if checksum is None:
+                return []
+            digest = CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(f.read())
+    except FileNotFoundError:
+        return [Problem("missing", "file not found", rel, rank=rank)]
+    except OSError as e:
+        return [Problem("io", f"cannot read: {e.strerror or e}", rel, rank=rank)]
+    if digest != checksum:
+        return [Problem("checksum", f"bytes hash to {digest}, the manifest records {checksum}",
+                        rel, byte_range=(0, size), rank=rank)]
+    return []
+
+
 def _box_text(x: Expect) -> str | None:
     """The chunk as a problem names it: formatted only for a problem (370,176 expected
     chunks at 1024 ranks)."""
@@ -507,6 +543,9 @@ def check_manifest_files(root: str, m: ManifestIndex, rank: int = 0,
     return out
 
 
+_ABSENT = object()
+
+
 def _check_header(h, rel: str, rank: int, expect: list[Expect], exclusive: bool) -> list[Problem]:
     out = []
     meta = None
@@ -518,39 +557,40 @@ def _check_header(h, rel: str, rank: int, expect: list[Expect], exclusive: bool)
             out.append(Problem("header", "__metadata__ 'hpcckpt' is not a JSON object", rel,
                                rank=rank))
             meta = None
-    listed = set()
+    tensors = h.tensors
     for x in expect:
-        listed.add(x.tensor)
-        e = h.tensors.get(x.tensor)
+        name, dtype, box, gshape, _ = x
+        e = tensors.get(name)
         if e is None:
-            what = "the manifest lists it" if x.box is not None else "the index maps it here"
+            what = "the manifest lists it" if box is not None else "the index maps it here"
             out.append(Problem("mismatch", f"{what} but the header has no such tensor", rel,
-                               x.tensor, _box_text(x), rank=rank))
+                               name, _box_text(x), rank=rank))
             continue
-        rng = (e.begin, e.end)
-        if x.box is not None and (e.dtype != x.dtype or e.shape != x.box.sizes):
+        if box is None:
+            continue
+        if e.dtype != dtype or e.shape != box.sizes:
             out.append(Problem("mismatch", f"header says {e.dtype} {list(e.shape)}, the "
-                               f"manifest {x.dtype} {list(x.box.sizes)}", rel, x.tensor,
-                               _box_text(x), rng, rank))
+                               f"manifest {dtype} {list(box.sizes)}", rel, name,
+                               _box_text(x), (e.begin, e.end), rank))
             continue
-        if meta is not None and x.box is not None and x.tensor in meta:
-            g = meta[x.tensor]
+        g = meta.get(name, _ABSENT) if meta is not None else _ABSENT
+        if g is not _ABSENT:
             try:
                 shape, offsets = tuple(g["shape"]), tuple(g["offsets"])
             except (TypeError, KeyError):
                 shape = offsets = None
-            if shape != x.global_shape or offsets != x.box.offsets:
+            if shape != gshape or offsets != box.offsets:
                 out.append(Problem("mismatch", f"header metadata places it at offsets "
                                    f"{list(offsets) if offsets else offsets} of shape "
                                    f"{list(shape) if shape else shape}, the manifest at "
-                                   f"{list(x.box.offsets)} of {list(x.global_shape)}", rel,
-                                   x.tensor, _box_text(x), rng, rank))
+                                   f"{list(box.offsets)} of {list(gshape)}", rel,
+                                   name, _box_text(x), (e.begin, e.end), rank))
     if exclusive:
-        for name, e in h.tensors.items():
-            if name not in listed and e.nbytes:
-                out.append(Problem("mismatch", "the header holds it but the manifest does not "
-                                   "list it here", rel, name, byte_range=(e.begin, e.end),
-                                   rank=rank))
+        extra = tensors.keys() - {x.tensor for x in expect}
+        if extra:   # reported in header order
+            out += [Problem("mismatch", "the header holds it but the manifest does not list "
+                            "it here", rel, name, byte_range=(e.begin, e.end), rank=rank)
+                    for name, e in tensors.items() if name in extra and e.nbytes]
     return out
 
 
@@ -743,6 +783,21 @@ def _compare_window(ag: Against, it: CheckItem, dtype: str, view: memoryview, po
 
 
 # ---- the job ------------------------------------------------------------------------
+@contextmanager
+def _no_gc():
+    """The cyclic garbage collector paused: reading a 1024-rank manifest and its headers
+    allocates millions of acyclic dicts, lists and tuples, and the collector's passes
+    over them took a fifth of the files step. Any cycle made meanwhile is collected
+    when it resumes."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def verify(path: str, comm: Comm, *, strategy: Strategy | None = None, step: str | None = None,
            deep: bool = True, finite: bool = False, against: str | None = None,
            against_strategy: Strategy | None = None, atol: float | None = None,
@@ -782,7 +837,7 @@ def verify(path: str, comm: Comm, *, strategy: Strategy | None = None, step: str
         deep = True    # comparing reads every element
     if buffer_size is None:
         buffer_size = CHECK_BUFFER if finite or against is not None else HASH_BUFFER
-    with comm.step("open"):
+    with comm.step("open"), _no_gc():
         target = open_target(path, strategy, step)
         ag = None
         if against is not None:
@@ -808,7 +863,7 @@ def _run(target: Target, comm: Comm, problems: list[Problem], deep: bool, finite
         steps[name] = round(time.perf_counter() - t0 - sum(steps.values()), 4)
     files = list(target.files)
     entries: dict[str, list[Entry]] = {}
-    with comm.step("files"):
+    with comm.step("files"), _no_gc():
         mine = [files[i] for i in divide_round_robin(len(files), size, rank)]
         expect = (target.expect_headers or target.expect)(set(mine))
         sizes = target.sizes or {}
@@ -818,6 +873,10 @@ def _run(target: Target, comm: Comm, problems: list[Problem], deep: bool, finite
             problems += found
             if ents is not None:
                 entries[f] = ents
+        carried = list(target.carried.items())
+        for i in divide_round_robin(len(carried), size, rank):
+            f, (want, checksum) = carried[i]
+            problems += check_carried(target.root, f, want, checksum if deep else None, rank)
         if rank == 0:
             for f in target.must_exist:
                 if not os.path.exists(os.path.join(target.root, f)):

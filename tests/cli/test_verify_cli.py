@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import xxhash
 
 import hpcckpt
 from hpcckpt.layout import strategy_from_dict, write_strategy_yaml
@@ -120,6 +121,29 @@ def test_fast_path_finds_planted_problems(ckpt, tmp_path):
         "coverage: manifest.json: tensor 'b': 'xxh3' must hold 4 checksums of 16 hex digits, "
         f"one per chunk of the strategy, got '{doc['tensors']['b']['xxh3']}' (rank 1)"], \
         p.stdout
+
+
+@pytest.mark.timeout(120)
+def test_carried_model_files_checked(ckpt, tmp_path):
+    # --quick: each carried file exists with its recorded size; --deep: its checksum too
+    from hpcckpt.ops.verify import verify
+    hf = Path(shutil.copytree(ckpt / "hf", tmp_path / "hf"))
+    (hf / "config.json").write_text('{"model_type": "gpt2"}')
+    (hf / "tok").mkdir()
+    (hf / "tok" / "vocab.txt").write_text("a\nb\n")
+    d = tmp_path / "dist"
+    hpcckpt.split(str(hf), str(d), strategy_from_dict(DOC, "s"),
+                  options=CopyOptions(fsync=False, progress=False))
+    assert verify(str(d), None).ok
+    (d / "model_files" / "config.json").unlink()
+    (d / "model_files" / "tok" / "vocab.txt").write_text("a\nc\n")   # same size
+    sums = read_manifest(d).model_files
+    quick = [p.line() for p in verify(str(d), None, deep=False).problems]
+    assert quick == ["missing: model_files/config.json: file not found (rank 0)"]
+    deep = [p.line() for p in verify(str(d), None).problems]
+    got = "xxh3_64:" + xxhash.xxh3_64_hexdigest(b"a\nc\n")
+    assert deep == quick + [f"checksum: model_files/tok/vocab.txt: bytes 0-4: bytes hash to "
+                            f"{got}, the manifest records {sums['tok/vocab.txt'][1]} (rank 0)"]
 
 
 @pytest.mark.parametrize("args, message", [

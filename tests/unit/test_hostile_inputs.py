@@ -156,6 +156,81 @@ def test_trailing_bytes_after_the_data_region(tmp_path):
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
+def _entry(dtype="U8", shape="[2]", offs="[0,2]", extra=""):
+    return f'{{"dtype":"{dtype}","shape":{shape},"data_offsets":{offs}{extra}}}'
+
+
+#: headers (JSON text) over a data region of 4 bytes: valid ones, each defect the
+#: checks name, and the duplicate keys a colon count must not miss
+HEADERS = [
+    '{"w":' + _entry() + ',"v":' + _entry(offs="[2,4]") + '}',
+    '{"__metadata__":{"hpcckpt":"{\\"w\\":{\\"shape\\":[2]}}","a:b":"c:d"},"w:x":'
+    + _entry(shape="[4]", offs="[0,4]") + '}',
+    '{"w":' + _entry() + ',"w":' + _entry(shape="[4]", offs="[0,4]") + '}',
+    '{"w":' + _entry(shape="[4]", offs="[0,4]", extra=',"dtype":"U8"') + '}',
+    '{"__metadata__":{"a":"1","a":"2"},"w":' + _entry(shape="[4]", offs="[0,4]") + '}',
+    '{"w":' + _entry(shape='[{"a":1,"a":2}]', offs="[0,4]") + '}',
+    '{"w":' + _entry(shape="[4]", offs="[0,4]", extra=',"x":{"a":1,"a":2}') + '}',
+    '{"w":' + _entry(shape="[4]", offs="[0,4]", extra=',"x":"a:b","x":"c"') + '}',
+    '{"a:b":' + _entry() + ',"a\\u003Ab":' + _entry(offs="[2,4]") + '}',
+    '{"a:b":' + _entry() + ',"a\\u003ac":' + _entry(offs="[2,4]") + '}',
+    '{"a":' + _entry() + ',"\\u0061":' + _entry(offs="[2,4]") + '}',
+    '{"w":' + _entry(shape="[true, 2]") + ',"v":' + _entry(offs="[2,4]") + '}',
+    '{"w":' + _entry(shape="[2.0]") + ',"v":' + _entry(offs="[2,4]") + '}',
+    '{"w":' + _entry(shape="[-2, -1]") + ',"v":' + _entry(offs="[2,4]") + '}',
+    '{"w":' + _entry(shape="{}", offs="[0,1]") + ',"v":' + _entry(shape="[3]", offs="[1,4]") + '}',
+    '{"w":' + _entry(shape='""', offs="[0,1]") + ',"v":' + _entry(shape="[3]", offs="[1,4]") + '}',
+    '{"w":' + _entry(shape='["ab", 2]') + ',"v":' + _entry(offs="[2,4]") + '}',
+    '{"w":' + _entry(offs='"ab"') + '}',
+    '{"w":' + _entry(offs="[0, 2.0]") + ',"v":' + _entry(offs="[2,4]") + '}',
+    '{"w":' + _entry(offs="[false, 2]") + '}',
+    '{"w":' + _entry(offs="[0, 2, 4]") + '}',
+    '{"w":' + _entry(offs="[3, 5]") + '}',
+    '{"w":' + _entry(shape="[3]") + '}',
+    '{"w":' + _entry(dtype="X9") + '}',
+    '{"w":{"dtype":["U8"],"shape":[4],"data_offsets":[0,4]}}',
+    '{"w":{"shape":[4],"data_offsets":[0,4]}}',
+    '{"w":[1]}',
+    '{"w":' + _entry(shape="[4]", offs="[0,4]") + ',"v":' + _entry(shape="[2]", offs="[0,2]") + '}',
+    '{"w":' + _entry() + '}',
+    '{"w":' + _entry(shape="[]", offs="[0,1]") + ',"v":' + _entry(shape="[0, 5]", offs="[1,1]")
+    + ',"u":' + _entry(shape="[3]", offs="[1,4]") + '}',
+    '{"__metadata__":{"a":1},"w":' + _entry(shape="[4]", offs="[0,4]") + '}',
+    '[1, 2]',
+    '{"w": nope}',
+    '{"w":' + _entry(shape="[4]", offs="[0,4]") + ',"w":' + _entry(shape="[4]", offs="[0,4]")
+    + ',"\\u0077":' + _entry(shape="[4]", offs="[0,4]") + '}',
+]
+
+
+def _outcome(raw: bytes):
+    from hpcckpt.formats.safetensors import parse_header
+    try:
+        h = parse_header("h", raw, 8 + len(raw) + 4)
+    except FormatError as e:
+        return str(e)
+    return h.data_start, dict(h.tensors), dict(h.metadata)
+
+
+def test_header_fast_paths_agree_with_the_checked_path(monkeypatch):
+    """The hook-free JSON decode and the few-operation entry check give exactly what
+    the hook and the step-by-step checks give: entries, or the same error word for
+    word; and the fast decode is taken for ordinary headers only."""
+    from hpcckpt.formats import safetensors as st
+    raws = [h.encode() for h in HEADERS] + [HEADERS[0].encode("utf-16"), b"{\"w\xff\":1}"]
+    fast = [_outcome(r) for r in raws]
+    took = [st._plain_json(r) is not None for r in raws]
+    monkeypatch.setattr(st, "_plain_json", lambda raw: None)
+    monkeypatch.setattr(st, "_plain_entry", lambda t, data_len: None)
+    assert [_outcome(r) for r in raws] == fast
+    assert sum(isinstance(o, tuple) for o in fast) == 5     # the valid ones
+    assert fast[2:9] == [f"h: header has the key {k!r} twice"
+                         for k in ("w", "dtype", "a", "a", "a", "x", "a:b")]
+    # ordinary headers, colons in names and metadata included, skip the hook (the entry
+    # defects too); a doubled key anywhere, an escaped colon, another encoding never do
+    assert took == [True, True] + [False] * 9 + [True] * 20 + [False] * 5
+
+
 @pytest.mark.timeout(20)
 def test_deeply_nested_header(tmp_path):
     p = raw_file(tmp_path / "n.safetensors", b'{"w":' + DEEP + b"}", b"")

@@ -79,6 +79,23 @@ def test_spec_example_boxes_every_rank(spec_example):
         assert got == want, r
 
 
+def test_rank_boxes_shares_one_box_per_layout_exactly():
+    """Tensors laid out alike (shape, split, stage, zero) share a rank's box; any
+    difference in those, dtype aside, gives the tensor its own."""
+    base = {"shape": [6, 4], "split": ["tp", None], "stage": 1}
+    s = make({"dp": 2, "pp": 2, "tp": 2}, {
+        "a": {**base, "dtype": "F32"}, "b": {**base, "dtype": "BF16"},
+        "c": {**base, "dtype": "F32", "zero": "dp"}, "d": {**base, "dtype": "F32", "stage": 0},
+        "e": {**base, "dtype": "F32", "split": [None, "tp"]},
+        "f": {"shape": [7, 4], "split": ["tp", None], "stage": 1, "dtype": "F32"}})
+    for r in range(s.world_size):
+        got = [(t.name, b) for t, b in s.rank_boxes(r)]
+        assert got == [(t.name, s.box_of(t.name, r)) for t in s.tensors
+                       if s.box_of(t.name, r) is not None], r
+    r = 2   # dp 0, pp 1, tp 0
+    assert len({s.box_of(n, r) for n in "acef"}) == 4 and s.box_of("b", r) == s.box_of("a", r)
+
+
 def test_spec_example_chunks_and_replicas(spec_example):
     s = spec_example
     assert s.chunks(EMBED) == [(B([0, 0], [5, 4]), (0, 2)), (B([5, 0], [5, 4]), (1, 3))]
