@@ -42,7 +42,7 @@ from ..layout.strategy import Strategy
 from ..layout.yaml_io import strategy_to_yaml
 from ..planning.dedup import DedupPlan, dedup_mode, plan_dedup
 from ..planning.outputs import OutputFile, hf_files, hf_index, rank_file
-from ..planning.runs import strided_runs
+from ..planning.runs import StridedRuns, strided_runs
 from ..storage import model_files
 from ..storage import training as tdir
 from ..storage.atomic import PARTIAL, atomic_write_bytes, json_bytes
@@ -74,6 +74,33 @@ class _Segment:
     data: memoryview     #: contiguous bytes of the stored box (C order)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where entry ``index`` of this rank's file lies in the rank's slice of its tensor:
+    ``nbytes`` from byte ``start`` (the whole box, or a slab of it), or strided ``runs``
+    (a slab of a column-split box); ``begin``: its offset in the tree's staging bytes."""
+
+    index: int
+    name: str
+    begin: int
+    nbytes: int
+    start: int
+    runs: StridedRuns | None
+
+
+def _sources(layout: OutputFile, strategy: Strategy, rank: int) -> tuple[_Source, ...]:
+    """Every stored entry's ``_Source``: the layout is fixed, so planned once per manager."""
+    held = {t.name: (t, box) for t, box in strategy.rank_boxes(rank)}
+    out = []
+    for j, e in enumerate(layout.entries):
+        if e.nbytes:
+            t, box = held[e.name]
+            sr = strided_runs(e.box, box, e.box, t.itemsize)
+            out.append(_Source(j, e.name, e.begin - len(layout.header), e.nbytes,
+                               sr.src_start, sr if sr.counts else None))
+    return tuple(out)
+
+
 class _Tree:
     """One training directory being written: the main one, or the network-only one."""
 
@@ -91,6 +118,7 @@ class _Tree:
         self.lock: OutputLock | None = None   #: rank 0, from open() to release()
         # this rank's file layout; only its name changes from step to step
         self.layout = rank_file(strategy, prefix, rank, plan, path="")
+        self.sources = _sources(self.layout, strategy, rank)
 
     def path_of(self, epoch: int, step: int) -> str:
         return tdir.step_file_name(self.prefix, self.suffix, self.rank, epoch, step)
@@ -243,6 +271,7 @@ class _Integrated:
         # which replica writes each element: one writer per box or slab
         self.layout = rank_file(main.strategy, main.prefix, rank,
                                 plan_dedup(main.strategy, "balanced"), path="")
+        self.sources = _sources(self.layout, main.strategy, rank)
         self.files = hf_files([t.info for t in main.strategy.tensors], max_shard_size)
         self.where = {e.name: (i, j) for i, f in enumerate(self.files)
                       for j, e in enumerate(f.entries)}
@@ -500,8 +529,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         with self.comm.step("stage"):
             _fault("stage", self.comm.rank, step)
-            segments = [self._segments(t, local_state, stage=self.async_save)
-                        for t in self._trees]
+            segments = self._segments(self._views(local_state), stage=self.async_save)
         stall = time.perf_counter() - t0
         args = (segments, epoch, step, extra, t0, stall)
         if self.async_save and not signalled:
@@ -586,47 +614,50 @@ class CheckpointManager:
             return False
         return bool(self.comm.allreduce_max(1 if self._signalled else 0))
 
-    def _segments(self, tree: _Tree, local_state: Mapping[str, Any],
-                  stage: bool) -> list[_Segment]:
-        """Where each entry's bytes are: views of the caller's arrays, or (``stage``)
-        copies in the manager's staging buffer."""
+    def _views(self, local_state: Mapping[str, Any]) -> dict[str, memoryview]:
+        """This rank's slices as flat bytes, each checked against the strategy (once per
+        save: every tree reads these views)."""
         rank = self.comm.rank
-        f = tree.layout
-        held = {t.name: (t, box) for t, box in tree.strategy.rank_boxes(rank)}
-        if tree is self._main:
-            extra = [n for n in local_state if n not in tree.strategy]
-            if extra:
-                more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-                raise FormatError(f"rank {rank}: local_state has tensor {extra[0]!r}{more} "
-                                  "that the strategy does not describe")
-            for t, box in held.values():
-                _check_slice(rank, t, box, local_state)
+        extra = [n for n in local_state if n not in self.strategy]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise FormatError(f"rank {rank}: local_state has tensor {extra[0]!r}{more} "
+                              "that the strategy does not describe")
+        return {t.name: _check_slice(rank, t, box, local_state)
+                for t, box in self.strategy.rank_boxes(rank)}
+
+    def _segments(self, views: Mapping[str, memoryview], stage: bool) -> list[list[_Segment]]:
+        """Where each tree's entries are: views of the caller's slices (a slab of a
+        column-split box gathered into its own buffer), or (``stage``) copies in the
+        manager's staging buffer: one numpy copy per contiguous entry, which releases
+        the GIL, so the job's other threads run on while it stages."""
+        import numpy as np
         if stage:
-            need = sum(tr.layout.data_bytes for tr in self._trees)
+            need = sum(t.layout.data_bytes for t in self._trees)
             if self._staging is None or len(self._staging) != need:
                 self._staging = bytearray(need)
-            base = sum(tr.layout.data_bytes for tr in self._trees[:self._trees.index(tree)])
-        out = []
-        for j, e in enumerate(f.entries):
-            if e.nbytes == 0:
-                continue
-            t, box = held[e.name]
-            view, _, _ = _byte_view(local_state[e.name])
-            if stage:
-                dst = memoryview(self._staging)[base + e.begin - len(f.header):
-                                                base + e.end - len(f.header)]
-                _copy_box(view, box, e.box, t.itemsize, dst)
-                out.append(_Segment(j, dst))
-            elif e.box == box:
-                out.append(_Segment(j, view))
-            else:   # a slab (balanced de-duplication): contiguous in the slice, no copy
-                sr = strided_runs(e.box, box, e.box, t.itemsize)
-                if not sr.counts:
-                    out.append(_Segment(j, view[sr.src_start:sr.src_start + sr.length]))
+            staging = np.frombuffer(self._staging, np.uint8)
+        out, base = [], 0
+        for tree in self._trees:
+            segments = []
+            for src in tree.sources:
+                view = views[src.name]
+                if stage:
+                    dst = staging[base + src.begin:base + src.begin + src.nbytes]
+                    if src.runs is None:
+                        np.copyto(dst, np.frombuffer(view, np.uint8, src.nbytes, src.start))
+                    else:
+                        copy_runs(src.runs, view, 0, memoryview(dst), 0)
+                    data = memoryview(dst)
+                elif src.runs is None:   # the box, or a slab of it: no copy
+                    data = view[src.start:src.start + src.nbytes]
                 else:
-                    buf = bytearray(e.nbytes)
-                    copy_runs(sr, view, 0, buf, 0)
-                    out.append(_Segment(j, memoryview(buf)))
+                    buf = bytearray(src.nbytes)
+                    copy_runs(src.runs, view, 0, buf, 0)
+                    data = memoryview(buf)
+                segments.append(_Segment(src.index, data))
+            out.append(segments)
+            base += tree.layout.data_bytes
         return out
 
     def _run(self, segments, epoch, step, extra, t0, stall) -> None:
@@ -661,7 +692,8 @@ class CheckpointManager:
             raise e
 
 
-def _check_slice(rank: int, t, box: Box, local_state: Mapping[str, Any]) -> None:
+def _check_slice(rank: int, t, box: Box, local_state: Mapping[str, Any]) -> memoryview:
+    """``t``'s slice in ``local_state`` as flat bytes, checked against ``box``."""
     a = local_state.get(t.name)
     if a is None:
         raise FormatError(f"rank {rank}: local_state lacks tensor {t.name!r} (its box {box})")
@@ -678,14 +710,7 @@ def _check_slice(rank: int, t, box: Box, local_state: Mapping[str, Any]) -> None
                else f"a buffer of {len(view)} bytes")
         raise FormatError(f"rank {rank}: tensor {t.name!r} is {got} but the strategy gives "
                           f"this rank {t.dtype} {list(box.sizes)} at {box} ({want} bytes)")
-
-
-def _copy_box(src: memoryview, held: Box, stored: Box, itemsize: int, dst: memoryview) -> None:
-    """C-order bytes of ``stored`` (inside ``held``) from ``src`` (``held``'s bytes)."""
-    if stored == held:
-        dst[:] = src
-        return
-    copy_runs(strided_runs(stored, held, stored, itemsize), src, 0, dst, 0)
+    return view
 
 
 def _name_filter(spec) -> Callable[[str], bool]:
