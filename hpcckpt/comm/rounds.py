@@ -131,33 +131,13 @@ def _exchange(comm, send_totals, recv_totals, fill, drain, align, budget, max_me
             sendbuf = bytearray(sum(staged_out))
         if len(recvbuf) < sum(staged_in):
             recvbuf = bytearray(sum(staged_in))
-        sends, pos = [], 0
-        for k, segs in segs_out.items():
-            for off, length, view in _at(segs, sent[k]):
-                if view is not None:
-                    sends.append((k, view))
-                    continue
-                if error is None:
-                    try:
-                        fill(k, off, memoryview(sendbuf)[pos:pos + length])
-                    except BaseException as e:  # noqa: BLE001 - reported next round
-                        error = describe(e)
-                pos += length
-            sent[k] += counts_out[k]
+        error = _staged_through(segs_out, sent, sendbuf, fill, error)
+        sends = [(k, view) for k, segs in segs_out.items() for _, view in segs if view is not None]
         recvs = [(j, view) for j, segs in segs_in.items() for _, view in segs if view is not None]
         comm.alltoallv_bytes(sendbuf, staged_out, recvbuf, staged_in, sends, recvs)
-        pos = 0
-        for j, segs in segs_in.items():
-            for off, length, view in _at(segs, recvd[j]):
-                if view is not None:
-                    continue
-                if error is None:
-                    try:
-                        drain(j, off, memoryview(recvbuf)[pos:pos + length])
-                    except BaseException as e:  # noqa: BLE001 - reported next round
-                        error = describe(e)
-                pos += length
-            recvd[j] += counts_in[j]
+        error = _staged_through(segs_in, recvd, recvbuf, drain, error)
+        sent = [a + b for a, b in zip(sent, counts_out)]
+        recvd = [a + b for a, b in zip(recvd, counts_in)]
     comm.check(step, error)
     failed = {r: "failed (see that rank's error)" for r, st in enumerate(statuses) if st < 0}
     if failed:  # pragma: no cover - check() above raises first with the real messages
@@ -182,11 +162,23 @@ def _cut(segs: Segments, n: int) -> Segments:
     return out
 
 
-def _at(segs: Segments, off: int):
-    """(stream offset, length, view) of each segment, the first at ``off``."""
-    for length, view in segs:
-        yield off, length, view
-        off += length
+def _staged_through(segs_by_peer: dict[int, Segments], done: list[int], buf: bytearray,
+                    move: Fill | Drain, error: str | None) -> str | None:
+    """``move`` (fill or drain) each staged segment, packed in ``buf`` in peer order;
+    returns the first error (after one, nothing more is moved)."""
+    pos = 0
+    for peer, segs in segs_by_peer.items():
+        off = done[peer]
+        for length, view in segs:
+            if view is None:
+                if error is None:
+                    try:
+                        move(peer, off, memoryview(buf)[pos:pos + length])
+                    except BaseException as e:  # noqa: BLE001 - reported next round
+                        error = describe(e)
+                pos += length
+            off += length
+    return error
 
 
 def _staged(segs) -> int:
