@@ -447,7 +447,7 @@ IN_PLACE_LOADS = [("dist:pp2dp3", "dpN-nozero", {}, 0),       # every forwarded 
 def test_load_in_place_equals_staged(comm, shared_tmp, monkeypatch, src_kind, dst_name, kw,
                                      minimum):
     """A box forwarded to its replicas travels in place (from the reader's array
-    straight into the replica's, by point-to-point messages; here down to
+    straight into the replica's, here the caller's, by point-to-point messages; down to
     ``IN_PLACE_MIN`` = ``minimum`` bytes) and gives exactly what staging it through the
     exchange buffers gives: the same bytes, traffic and rounds."""
     from hpcckpt.comm.wrapper import Comm
@@ -467,7 +467,8 @@ def test_load_in_place_equals_staged(comm, shared_tmp, monkeypatch, src_kind, ds
     for name, floor in (("staged", 1 << 40), ("in place", minimum)):
         monkeypatch.setattr(route_exec, "IN_PLACE_MIN", floor)
         stats: dict = {}
-        state = hpcckpt.load(path, s, comm, stats=stats, **kw)
+        out = _garbage_like(s, rank) if name == "in place" else None   # caller arrays too
+        state = hpcckpt.load(path, s, comm, stats=stats, out=out, **kw)
         check_state(comm, state, s, f"load {src_kind} as {dst_name}, {name}")
         check_load_stats(comm, stats, s, kw.get("budget"))
         runs[name] = ({k: v for k, v in stats.items() if k != "seconds"}, dict(moved))
