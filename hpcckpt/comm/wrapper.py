@@ -12,10 +12,13 @@ import contextlib
 import traceback
 from array import array
 from itertools import accumulate
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from ..errors import HpcckptError, LaunchError, RankFailure
 from . import interrupts
+
+#: the tag of point-to-point messages (collectives never match them)
+_IN_PLACE_TAG = 17
 
 
 class Comm:
@@ -91,17 +94,29 @@ class Comm:
         return [recv[j * k:(j + 1) * k].tolist() for j in range(self.size)]
 
     def alltoallv_bytes(self, sendbuf, sendcounts: list[int], recvbuf,
-                        recvcounts: list[int]) -> None:
-        """Exchange byte buffers; counts per peer (each below 2 GiB, totals too)."""
+                        recvcounts: list[int], sends: Sequence[tuple[int, Any]] = (),
+                        recvs: Sequence[tuple[int, Any]] = ()) -> None:
+        """Exchange byte buffers; counts per peer (each below 2 GiB, totals too).
+
+        ``sends`` / ``recvs``: (peer, byte buffer) messages besides, each one point-to-
+        point message from or into the caller's own memory (no copy through the packed
+        buffers); the n-th of ``recvs`` from a peer is filled by the n-th of that
+        peer's ``sends`` here, so both lists hold a peer's messages in the same order
+        and sizes on both sides. All are complete when this returns."""
         if self.mpi is None:
             n = sendcounts[0]
             memoryview(recvbuf)[:n] = memoryview(sendbuf)[:n]
+            for (_, src), (_, dst) in zip(sends, recvs):
+                memoryview(dst)[:] = memoryview(src)
             return
         from mpi4py import MPI
+        reqs = [self.mpi.Irecv([buf, MPI.BYTE], peer, _IN_PLACE_TAG) for peer, buf in recvs]
+        reqs += [self.mpi.Isend([buf, MPI.BYTE], peer, _IN_PLACE_TAG) for peer, buf in sends]
         sdis = [0, *accumulate(sendcounts)][:-1]
         rdis = [0, *accumulate(recvcounts)][:-1]
         self.mpi.Alltoallv([sendbuf, (list(sendcounts), sdis), MPI.BYTE],
                            [recvbuf, (list(recvcounts), rdis), MPI.BYTE])
+        MPI.Request.Waitall(reqs)
 
     # ---- failure protocol ----------------------------------------------------
     @contextlib.contextmanager

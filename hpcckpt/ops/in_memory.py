@@ -145,8 +145,11 @@ def load(path: str, strategy: Strategy, comm=None, *, out: Mapping | None = None
                 reader.read(r.src, r.tensor, strided_runs(r.region, r.src.box, r.dst_box,
                                                           r.tensor.itemsize),
                             targets[(r.tensor.name, r.dst_box)])
+        # a box forwarded whole (a replica's) goes from the reader's array to the
+        # replica's by MPI, with no copy through the exchange buffers
         st = execute_routes(comm, RoutePlan(plan.rank, plan.sends, plan.recvs, []), forward,
-                            memory_writer(targets), buffer_size, budget, max_message, "load")
+                            memory_writer(targets), buffer_size, budget, max_message, "load",
+                            in_place=targets)
         st.bytes_local = sum(r.nbytes for r in plan.local)
     finally:
         reader.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..comm.rounds import exchange_streams
 from ..comm.wrapper import Comm
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 ReadFn = Callable[[Route, Box, "memoryview", int], None]
 #: write(route, sub_box, data, base): C-order bytes of sub_box into every local target
 WriteFn = Callable[[Route, Box, "memoryview", int], None]
+#: routes travelling in place are at least this long: shorter ones are packed into the
+#: exchange buffers, since one message each would cost more than copying them twice
+IN_PLACE_MIN = 256 << 10
 
 
 @dataclass
@@ -40,7 +43,13 @@ class RouteStats:
 
 
 def execute_routes(comm: Comm, plan: RoutePlan, read: ReadFn, write: WriteFn, buffer_size: int,
-                   budget: int, max_message: int, step: str = "exchange") -> RouteStats:
+                   budget: int, max_message: int, step: str = "exchange",
+                   in_place: Mapping[tuple[str, Box], "np.ndarray"] | None = None) -> RouteStats:
+    """``in_place``: this rank's copy of each destination box (flat bytes), by (tensor,
+    box), when a provider sends from its own copy of the box (load's replicas): a route
+    that is one contiguous span of its box, of at least ``IN_PLACE_MIN`` bytes, then
+    travels from the provider's copy straight into the receiver's, never through the
+    exchange buffers (``read`` and ``write`` do not see it)."""
     stats = RouteStats()
     with comm.step(f"{step}: local copies"):
         # no bigger than the largest local route, and freed before the exchange
@@ -49,9 +58,9 @@ def execute_routes(comm: Comm, plan: RoutePlan, read: ReadFn, write: WriteFn, bu
         for route in plan.local:
             stats.bytes_local += copy_route(route, read, write, buf)
         del buf
+        sends = {k: _Stream(rs, in_place) for k, rs in plan.sends.items()}
+        recvs = {j: _Stream(rs, in_place) for j, rs in plan.recvs.items()}
     send_tot, recv_tot = plan.totals(comm.size)
-    sends = {k: _Stream(rs) for k, rs in plan.sends.items()}
-    recvs = {j: _Stream(rs) for j, rs in plan.recvs.items()}
 
     def fill(k: int, off: int, view: memoryview) -> None:
         for route, lo, hi, pos in sends[k].walk(off, len(view)):
@@ -66,8 +75,12 @@ def execute_routes(comm: Comm, plan: RoutePlan, read: ReadFn, write: WriteFn, bu
     def align(k: int, off: int, n: int) -> int:
         return sends[k].align(off, n)
 
+    def segments(peer: int, off: int, n: int, sending: bool) -> list:
+        return (sends if sending else recvs)[peer].segments(off, n)
+
     counters = exchange_streams(comm, send_tot, recv_tot, fill, drain, align, budget,
-                                max_message, step=step)
+                                max_message, step=step,
+                                in_place=segments if in_place is not None else None)
     stats.bytes_sent = counters["bytes_sent"]
     stats.bytes_received = counters["bytes_received"]
     stats.rounds = counters["rounds"]
@@ -104,7 +117,7 @@ class BoxAssembler:
         self.read_into, self.write_piece, self.write_box = read_into, write_piece, write_box
         self.missing: dict[tuple[str, Box], int] = {}   # received bytes still to come
         strided = {(r.tensor.name, r.dst_box) for rs in (*plan.recvs.values(), plan.local)
-                   for r in rs if not _contiguous_in_box(r)}
+                   for r in rs if _span_in_box(r) is None}
         for routes in plan.recvs.values():
             for r in routes:
                 key = (r.tensor.name, r.dst_box)
@@ -181,18 +194,54 @@ class BoxAssembler:
             raise FormatError(f"tensor {name!r} {box}: not every byte arrived")
 
 
-def _contiguous_in_box(route: Route) -> bool:
-    """Whether the route's region is one contiguous span of its destination box."""
-    return not strided_runs(route.region, route.dst_box, route.dst_box,
-                            route.tensor.itemsize).counts
+def _in_place_units(routes: list[Route], starts: list[int], boxes: Mapping) -> list:
+    """Units of a stream for ``_Stream``: a box's consecutive routes that cover it whole
+    are one unit, the box's bytes in C order (both ends hold the box); any other route
+    is a unit of its own, in place when its region is one contiguous span of its box.
+    Only units of at least ``IN_PLACE_MIN`` bytes travel in place."""
+    units: list[tuple[int, memoryview | None]] = []
+    i = 0
+    while i < len(routes):
+        key = (routes[i].tensor.name, routes[i].dst_box)
+        j = i + 1
+        while j < len(routes) and (routes[j].tensor.name, routes[j].dst_box) == key:
+            j += 1
+        # routes of one box never overlap: as many bytes as the box is the whole box
+        if starts[j] - starts[i] == key[1].volume * routes[i].tensor.itemsize >= IN_PLACE_MIN:
+            units.append((starts[i], memoryview(boxes[key])))
+        else:
+            for r, start in zip(routes[i:j], starts[i:j]):
+                units.append((start, _in_place_view(r, boxes)))
+        i = j
+    return units
+
+
+def _in_place_view(route: Route, boxes: Mapping) -> memoryview | None:
+    """The route's bytes in this rank's copy of its destination box, if they are one
+    contiguous span long enough to be worth a message of their own."""
+    lo = _span_in_box(route) if route.nbytes >= IN_PLACE_MIN else None
+    if lo is None:
+        return None
+    return memoryview(boxes[(route.tensor.name, route.dst_box)])[lo:lo + route.nbytes]
+
+
+def _span_in_box(route: Route) -> int | None:
+    """Where the route's region starts in its destination box's bytes, if it is one
+    contiguous span of them."""
+    sr = strided_runs(route.region, route.dst_box, route.dst_box, route.tensor.itemsize)
+    return None if sr.counts else sr.dst_start
 
 
 class _Stream:
-    """The routes between one pair of ranks, as one byte stream."""
+    """The routes between one pair of ranks, as one byte stream; with ``in_place`` (see
+    ``execute_routes``), cut into units that travel in place or staged."""
 
-    def __init__(self, routes: list[Route]):
+    def __init__(self, routes: list[Route], in_place: Mapping | None = None):
         self.routes = routes
         self.starts = [0, *accumulate(r.nbytes for r in routes)]
+        #: (stream start, view of this rank's copy or None) of each unit, in order
+        self.units = [] if in_place is None else _in_place_units(routes, self.starts, in_place)
+        self.unit_starts = [u[0] for u in self.units]
 
     def walk(self, off: int, n: int):
         """(route, lo, hi, position in the window) for stream bytes [off, off + n)."""
@@ -205,6 +254,27 @@ class _Stream:
                 yield self.routes[i], lo, hi, off - (end - n)
             off = r0 + hi
             i += 1
+
+    def segments(self, off: int, n: int) -> list[tuple[int, memoryview | None]]:
+        """Stream bytes [off, off + n) as ``comm.rounds`` segments: a view for each unit
+        travelling in place, None for a stretch of staged ones. Cut at unit boundaries
+        only, so both ends, and a shorter window, cut alike."""
+        segs: list[tuple[int, memoryview | None]] = []
+        i = bisect.bisect_right(self.unit_starts, off) - 1
+        end = off + n
+        while off < end:
+            u0, view = self.units[i]
+            u1 = self.units[i + 1][0] if i + 1 < len(self.units) else self.starts[-1]
+            hi = min(end, u1)
+            if view is not None:
+                segs.append((hi - off, view[off - u0:hi - u0]))
+            elif segs and segs[-1][1] is None:
+                segs[-1] = (segs[-1][0] + hi - off, None)
+            else:
+                segs.append((hi - off, None))
+            off = hi
+            i += 1
+        return segs
 
     def align(self, off: int, n: int) -> int:
         """Largest m <= n so that off + m ends on an element boundary."""

@@ -205,10 +205,16 @@ class ChunkReader:
                  out_base: int) -> None:
         """Read ``sr`` in source order: each run into its place in ``out``, each gap
         between runs into a junk buffer, one ``read_region`` per stretch."""
+        n = sr.length
+        src_offsets, dst_offsets = sr.offsets()
+        lo, hi = sr.src_span()
+        if hi - lo == sr.nbytes:   # runs back to back in the source: one read, no junk
+            self.source.read_region(rel, t, box, lo, [out[out_base + d:out_base + d + n]
+                                                      for d in dst_offsets])
+            return
         views: list[memoryview] = []
         start = expect = 0
-        n = sr.length
-        for src, do in zip(*sr.offsets()):
+        for src, do in zip(src_offsets, dst_offsets):
             if views and not 0 <= src - expect <= JUNK_CAP:   # a wide gap, or back
                 self.source.read_region(rel, t, box, start, views)
                 views = []

@@ -32,8 +32,10 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
 def preadv_into(fd: int, views: list[memoryview], offset: int, path: str) -> None:
     """Fill ``views`` in order from the consecutive file bytes at ``offset`` (a scatter
     read: one ``preadv`` per ``IOV_MAX`` views); a short read names the byte range."""
-    views = [v for v in views if len(v)]
-    end = offset + sum(len(v) for v in views)
+    sizes = list(map(len, views))   # thousands of views in a scatter read: no Python loop
+    views = [v for v, n in zip(views, sizes) if n] if 0 in sizes else list(views)
+    sizes = [n for n in sizes if n]
+    end = offset + sum(sizes)
     i, pos = 0, offset
     while i < len(views):
         try:
@@ -45,12 +47,15 @@ def preadv_into(fd: int, views: list[memoryview], offset: int, path: str) -> Non
             raise CheckpointIOError(f"{path}: file ends before byte {end} "
                                     f"(read bytes {offset}-{end})")
         pos += n
+        if n == sum(sizes[i:i + IOV_MAX]):   # the usual case: every view filled
+            i += IOV_MAX
+            continue
         while n:   # drop the views filled, trim a partly filled one
-            if n >= len(views[i]):
-                n -= len(views[i])
+            if n >= sizes[i]:
+                n -= sizes[i]
                 i += 1
             else:
-                views[i], n = views[i][n:], 0
+                views[i], sizes[i], n = views[i][n:], sizes[i] - n, 0
 
 
 def pwrite_all(fd: int, buf: memoryview, offset: int, path: str) -> None:

@@ -184,7 +184,7 @@ class CheckpointReader(ABC):
 def check_region(views: list[memoryview], offset: int, chunk_bytes: int) -> int:
     """Bytes asked for; raises AssertionError when the region runs past the chunk
     (a planning bug: reading on would copy another tensor's bytes)."""
-    n = sum(len(v) for v in views)
+    n = sum(map(len, views))
     if offset < 0 or offset + n > chunk_bytes:
         raise AssertionError(f"read of bytes {offset}-{offset + n} beyond a chunk of "
                              f"{chunk_bytes} bytes")

@@ -436,6 +436,59 @@ def test_load_into_caller_arrays(comm, shared_tmp, src_kind, dst_name, kw):
     check_load_stats(comm, stats, s, budget=kw.get("budget"))
 
 
+IN_PLACE_LOADS = [("dist:pp2dp3", "dpN-nozero", {}, 0),       # every forwarded box in place
+                  ("dist:pp2dp3", "dpN", {}, 16),             # ZeRO boxes; small ones staged
+                  ("dist:dp2tp4:dedup", "dpN-nozero", TINY, 100)]   # both in tiny rounds
+
+
+@pytest.mark.parametrize("src_kind,dst_name,kw,minimum", IN_PLACE_LOADS,
+                         ids=[f"{a}->{b}-min{m}" + ("-tiny" if k else "")
+                              for a, b, k, m in IN_PLACE_LOADS])
+def test_load_in_place_equals_staged(comm, shared_tmp, monkeypatch, src_kind, dst_name, kw,
+                                     minimum):
+    """A box forwarded to its replicas travels in place (from the reader's array
+    straight into the replica's, here the caller's, by point-to-point messages; down to
+    ``IN_PLACE_MIN`` = ``minimum`` bytes) and gives exactly what staging it through the
+    exchange buffers gives: the same bytes, traffic and rounds."""
+    from hpcckpt.comm.wrapper import Comm
+    from hpcckpt.ops import route_exec
+    rank, size = rank_size(comm)
+    s = strategy(dst_name, size)
+    path = _make_source(comm, shared_tmp, src_kind)
+    moved = {"in_place": 0, "staged": 0}
+    real = Comm.alltoallv_bytes
+
+    def counting(self, sendbuf, sendcounts, recvbuf, recvcounts, sends=(), recvs=()):
+        moved["in_place"] += sum(len(memoryview(v)) for _, v in recvs)
+        moved["staged"] += sum(recvcounts)
+        real(self, sendbuf, sendcounts, recvbuf, recvcounts, sends, recvs)
+    monkeypatch.setattr(Comm, "alltoallv_bytes", counting)
+    runs = {}
+    for name, floor in (("staged", 1 << 40), ("in place", minimum)):
+        monkeypatch.setattr(route_exec, "IN_PLACE_MIN", floor)
+        stats: dict = {}
+        out = _garbage_like(s, rank) if name == "in place" else None   # caller arrays too
+        state = hpcckpt.load(path, s, comm, stats=stats, out=out, **kw)
+        check_state(comm, state, s, f"load {src_kind} as {dst_name}, {name}")
+        check_load_stats(comm, stats, s, kw.get("budget"))
+        runs[name] = ({k: v for k, v in stats.items() if k != "seconds"}, dict(moved))
+        moved.update(in_place=0, staged=0)
+
+    def same():
+        (staged, by_buffers), (in_place, by_messages) = runs["staged"], runs["in place"]
+        assert in_place == staged
+        received = staged["per_rank"][rank]["bytes_received"]
+        assert by_buffers == {"in_place": 0, "staged": received}
+        assert sum(by_messages.values()) == received
+        if minimum == 0:
+            assert by_messages["staged"] == 0, by_messages
+    collective(comm, same)
+    mixed = allgather(comm, runs["in place"][1])
+    if size > 1:   # the cases are chosen so that both ways are taken
+        assert sum(m["in_place"] for m in mixed) > 0, mixed
+        assert sum(m["staged"] for m in mixed) > 0 or minimum == 0, mixed
+
+
 def test_load_out_refuses_wrong_arrays(comm, shared_tmp):
     """out= arrays that do not match the rank's boxes: refused before any byte is read,
     the same error on every rank naming the rank, the tensor and the box."""

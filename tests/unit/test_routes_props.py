@@ -19,10 +19,13 @@ The planners are the pure functions the operations call: ``plan_load``,
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hpcckpt.comm import rounds
 from hpcckpt.layout.box import Box
 from hpcckpt.layout.strategy import Strategy
 from hpcckpt.planning import route_plans
@@ -31,6 +34,7 @@ from hpcckpt.planning.dedup import plan_dedup
 from hpcckpt.planning.outputs import rank_files
 from hpcckpt.planning.routes import RoutePlan
 from hpcckpt.layout.tensor import TensorInfo
+from hpcckpt.ops import route_exec
 from hpcckpt.planning.sources import (SourceIndex, group_chunks,
                                       strategy_source)
 
@@ -173,6 +177,42 @@ def test_load_plan(pair, kind):
     assert sum(x.nbytes for p in plans for x in p.local) == b.unique_bytes
     assert sum(x.nbytes for p in plans for rs in p.recvs.values() for x in rs) == (
         sum(b.rank_bytes(r) for r in range(size)) - b.unique_bytes)
+
+
+@PROPS
+@given(gen.strategy_pairs(max_world=12), st.sampled_from(["complete", "full", "dedup"]),
+       st.sampled_from([0, 24, 1 << 40]), st.data())
+def test_load_streams_cut_alike_in_place(pair, kind, minimum, data):
+    """What ``comm.rounds`` relies on to match point-to-point messages without telling
+    their sizes: both ends of a load stream cut any window alike into in-place and
+    staged segments, in-place views are as long as their segments, and a shorter
+    window cuts the same segments short. With no minimum, every forwarded box (whole
+    at both ends) travels in place."""
+    a, b = pair
+    source = _source(a, kind)
+    size = b.world_size
+    plans = [plan_load(source, b, r) for r in range(size)]
+    boxes = [{(t.name, x): np.zeros(x.volume * t.itemsize, np.uint8) for t, x in b.rank_boxes(r)}
+             for r in range(size)]
+
+    def shape(segs):
+        return [(n, v is None) for n, v in segs]
+    with mock.patch.object(route_exec, "IN_PLACE_MIN", minimum):
+        for j, plan in enumerate(plans):
+            for k, routes in plan.sends.items():
+                out = route_exec._Stream(routes, boxes[j])
+                into = route_exec._Stream(plans[k].recvs[j], boxes[k])
+                total = out.starts[-1]
+                off = data.draw(st.integers(0, total - 1))
+                n = data.draw(st.integers(1, total - off))
+                m = data.draw(st.integers(0, n))
+                sent, got = out.segments(off, n), into.segments(off, n)
+                assert shape(sent) == shape(got)
+                assert sum(x for x, _ in sent) == n
+                assert all(v is None or len(v) == x for x, v in sent + got)
+                assert shape(rounds._cut(got, m)) == shape(into.segments(off, m))
+                if minimum == 0:
+                    assert all(v is not None for _, v in sent), sent
 
 
 @PROPS
