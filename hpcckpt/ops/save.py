@@ -754,20 +754,25 @@ def synthetic_slice(name: str, dtype: str, shape: tuple[int, ...], box: Box,
     row = math.prod(shape[1:]) * isz if shape else isz
     rows = shape[0] if shape else 1
     a, b = (box.offsets[0], box.offsets[0] + box.sizes[0]) if shape else (0, 1)
-    out = bytearray((b - a) * row)
+    dt = numpy_dtype(dtype)
+    out = np.empty(box.sizes if shape else (), dt)
+    # the box's columns of each block go straight into ``out``: a column-split slice
+    # holds only its own columns, never its rows whole (64 MiB for a W1 tensor)
+    cols = tuple(slice(o, o + n) for o, n in zip(box.offsets[1:], box.sizes[1:]))
     per = max(1, (1 << 20) // max(row, 1))
     for k in range(a // per, -(-b // per) if b > a else a // per):
         lo, hi = k * per, min(rows, (k + 1) * per)
         block = np.random.default_rng([seed, k]).bytes((hi - lo) * row)
         s, e = max(lo, a), min(hi, b)
-        out[(s - a) * row:(e - a) * row] = block[(s - lo) * row:(e - lo) * row]
-    if a == 0 and out and math.prod(shape):
-        out[0] = step % 256
-    full_rows = np.frombuffer(out, numpy_dtype(dtype)).reshape((b - a, *shape[1:]) if shape else ())
-    if not shape:
-        return full_rows.copy()
-    index = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(box.offsets[1:], box.sizes[1:]))
-    return np.ascontiguousarray(full_rows[index])
+        if not shape:
+            out[...] = np.frombuffer(block, dt)[0]
+            continue
+        got = np.frombuffer(block, dt, count=(e - s) * math.prod(shape[1:]),
+                            offset=(s - lo) * row).reshape((e - s, *shape[1:]))
+        out[s - a:e - a] = got[(slice(None), *cols)]
+    if out.size and not any(box.offsets) and math.prod(shape):
+        out.reshape(-1).view(np.uint8)[0] = step % 256
+    return out
 
 
 def synthetic_state(strategy: Strategy, rank: int, step: int = 0) -> dict[str, Any]:
