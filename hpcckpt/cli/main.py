@@ -123,6 +123,10 @@ def chosen_parser(p: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # hpcckpt makes no BLAS call, but numpy's OpenBLAS starts a thread per core when numpy
+    # is imported, and they spin: with a rank per core that took a fifth of a 2-rank
+    # load's start-up (and on a 64-core node, 64 threads per rank). Before numpy's import.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(json_errors="--json" in argv, command=named_command(argv))
     args, unknown = parser.parse_known_args(argv)
