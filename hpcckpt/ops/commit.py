@@ -51,7 +51,7 @@ from ..planning.runs import StridedRuns, tile_contiguous
 from ..storage.atomic import (PARTIAL, atomic_write_bytes, fsync_dir, io_error, new_token,
                               partial_name)
 from ..storage.chunkio import write_runs_to_file
-from ..storage.lock import LOCK_NAME, OutputLock
+from ..storage.lock import LOCK_NAME, OutputLock, holder_is_dead
 from ..storage.fileio import DEFAULT_BUFFER, pread_into, pwrite_all, start_writeback
 from .progress import Progress
 
@@ -299,17 +299,20 @@ class OutputCommit:
             self._mkdirs(out / d)
 
     def _remove_leftovers(self, existing: list[Path]) -> bool:
-        """Remove what a killed job left in OUT, if that is all OUT holds: this job holds
-        OUT's lock, so no other job is writing here (a writer holds it from before its
-        first file until its last rename), and every file is a temporary
-        ``<file>.<token>.partial`` that no reader ever opens. Anything else (a user's
-        file, a finished output) still needs --overwrite.
+        """Remove what a killed job left in OUT, if that is all OUT holds: the lock file
+        it left names a process of this host that has ended, this job now holds the lock
+        (so no other job is writing here: a writer holds it from before its first file
+        until its last rename), and every file is a temporary ``<file>.<token>.partial``
+        that no reader ever opens. Anything else (a user's file, a finished output, a
+        holder on another host) still needs --overwrite.
 
         Returns:
             True if ``existing`` were such leftovers and are gone.
         """
         if self._lock is None or self._lock.fd is None:
             return False   # no locks on this filesystem: a live writer cannot be ruled out
+        if not holder_is_dead(self._lock.stale_holder):
+            return False
         files: list[Path] = []
         dirs: list[Path] = []
         todo = list(existing)
@@ -326,9 +329,8 @@ class OutputCommit:
             p.unlink(missing_ok=True)
         for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
             d.rmdir()
-        who = f" ({self._lock.stale_holder})" if self._lock.stale_holder else ""
         print(f"hpcckpt: {self.out}: removed {len(files)} temporary file(s) of an unfinished "
-              f"job{who}", file=sys.stderr, flush=True)
+              f"job ({self._lock.stale_holder})", file=sys.stderr, flush=True)
         return True
 
     def _check_free(self) -> None:

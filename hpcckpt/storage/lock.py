@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import time
 
 from ..errors import UsageError
@@ -98,6 +99,27 @@ class OutputLock:
     def _busy(self, holder: str) -> UsageError:
         return UsageError(f"{self.out}: another job is writing this output directory "
                           f"({holder}); wait for it to end or choose another output directory")
+
+
+_HOLDER = re.compile(r", pid (\d+) on (\S+), since ")
+
+
+def holder_is_dead(holder: str | None) -> bool:
+    """Whether a lock file's holder line names a process of this host that has ended.
+
+    Holding a lock proves no writer is alive only where locks reach every client (NFS
+    mounted ``nolock`` keeps them local to each node): a holder on another host, or a
+    lock file that says nothing, proves nothing."""
+    m = _HOLDER.search(holder or "")
+    if m is None or m.group(2) != os.uname().nodename:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
 
 
 def _read_holder(fd: int) -> str:

@@ -622,26 +622,54 @@ def test_error_output_not_empty(data, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
 
 
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
 def test_leftovers_of_a_killed_job_are_removed(data, tmp_path):
     """kill -9 leaves the lock file and the job's temporary files: the next job takes
-    the lock, so nobody is writing there, and removes them without --overwrite."""
+    the lock, sees that its holder (on this host) has ended, and removes them without
+    --overwrite."""
     out = tmp_path / "out"
     (out / "rank_1").mkdir(parents=True)
-    (out / ".hpcckpt.lock").write_text("hpcckpt split, pid 4242 on node7, since 2026-12-01 "
-                                       "10:00:00 UTC\n")
+    holder = (f"hpcckpt split, pid {_dead_pid()} on {os.uname().nodename}, since 2026-12-01 "
+              "10:00:00 UTC")
+    (out / ".hpcckpt.lock").write_text(holder + "\n")
     (out / "rank_1" / "model_rank_1.safetensors.0badf00d.partial").write_bytes(b"x" * 100)
     (out / "manifest.json.0badf00d.partial").write_bytes(b"{")
     p = ok(cli(["split", data["model"], out, "--strategy", data["s3"]], n=3))
     assert p.stderr.splitlines() == [
-        f"hpcckpt: {out}: removed 2 temporary file(s) of an unfinished job (hpcckpt split, "
-        "pid 4242 on node7, since 2026-12-01 10:00:00 UTC)"]
+        f"hpcckpt: {out}: removed 2 temporary file(s) of an unfinished job ({holder})"]
     assert not list(out.rglob("*.partial")) and not (out / ".hpcckpt.lock").exists()
     assert ok(cli(["verify", out, "--json"])).returncode == 0
+
+
+@pytest.mark.parametrize("holder", [
+    "hpcckpt split, pid {pid} on another-node-{host}, since 2026-12-01 10:00:00 UTC",  # remote
+    "hpcckpt split, pid {own} on {host}, since 2026-12-01 10:00:00 UTC",  # alive (the test)
+    None])                                                                # no lock file
+def test_leftovers_need_overwrite_unless_their_job_provably_ended(data, tmp_path, holder):
+    """Locks prove nothing across hosts where the filesystem keeps them per client (NFS
+    mounted nolock): a holder on another host, a live one, or none: OUT is refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if holder is not None:
+        (out / ".hpcckpt.lock").write_text(holder.format(
+            pid=_dead_pid(), own=os.getpid(), host=os.uname().nodename) + "\n")
+    (out / "model.safetensors.0badf00d.partial").write_bytes(b"x")
+    fails_everywhere(["split", data["model"], out, "--strategy", data["s3"]], 3,
+                     f"hpcckpt split: error: rank 0: {out}: output directory is not empty "
+                     "(pass --overwrite to replace it)")
+    assert "model.safetensors.0badf00d.partial" in os.listdir(out)
 
 
 def test_leftovers_beside_other_files_need_overwrite(data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".hpcckpt.lock").write_text(f"hpcckpt split, pid {_dead_pid()} on "
+                                       f"{os.uname().nodename}, since 2026-12-01 10:00:00 UTC\n")
     (out / "model.safetensors.0badf00d.partial").write_bytes(b"x")
     (out / "notes.partial").write_text("not a temporary name")   # no job token: the user's
     fails_everywhere(["split", data["model"], out, "--strategy", data["s3"]], 3,
