@@ -395,9 +395,14 @@ def _strategy_target(root: Path, strategy: Strategy) -> Target:
     try:
         inp = open_input(root, strategy)
     except (HpcckptError, OSError) as e:
+        # every rank file's header is read to open it: a damaged one is this problem
         t = Target("distributed (no manifest)", str(root), (), lambda fs: {})
+        msg, rel = str(e), None
+        head, sep, rest = msg.partition(": ")
+        if sep and head.startswith(str(root) + os.sep):
+            msg, rel = rest, os.path.relpath(head, root)
         t.problems.append(Problem("header" if isinstance(e, FormatError) else "missing",
-                                  str(e)))
+                                  msg, rel))
         return t
     src = inp.source
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from ..errors import FormatError
+from ..errors import FormatError, HpcckptError
 from ..formats.safetensors import read_header
 
 
@@ -77,13 +77,23 @@ def checkpoint_tensors(path: str | Path, ms, suffix: str | None = None
         files = rank_files(path, ms.world_size, suffix)
         wanted = set(ms.names)
         out: dict[str, tuple[tuple[int, ...], str]] = {}
+        damaged: HpcckptError | None = None
         for r, rel in files.items():
             layouts = ms.layouts_of_rank(r)
-            for name, e in read_header(path / rel).tensors.items():
+            try:
+                tensors = read_header(path / rel).tensors
+            except HpcckptError as e:
+                # another rank's file may give the same shapes: a damaged file is then
+                # reported by whoever reads it (verify lists it as a problem)
+                damaged = damaged or e
+                continue
+            for name, e in tensors.items():
                 if name in wanted and name not in out and name in layouts:
                     out[name] = (layouts[name].global_shape(e.shape), e.dtype)
             if len(out) == len(wanted):
                 break
+        if damaged is not None and len(out) < len(wanted):
+            raise damaged
         return out
     with open_input(path) as inp:
         return {t.name: (t.shape, t.dtype) for t in inp.source.tensors.values()}

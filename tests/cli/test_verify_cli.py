@@ -237,3 +237,26 @@ def test_shard_errors(ckpt, shard, message):
     p = run_cli(["verify", ckpt / "dist", "--shard", shard], n=2)
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert p.stderr.splitlines() == [f"hpcckpt verify: error: {message}"]
+
+
+def test_mindspore_written_checkpoint(tmp_path):
+    """A MindSpore-written directory, given its strategy file (shapes from the files):
+    clean, then with one rank file truncated by a byte, which another rank's file of the
+    same tensors lets verify name instead of refusing the directory."""
+    gold = Path(__file__).resolve().parents[1] / "golden" / "mindspore"
+    d = tmp_path / "dist"
+    shutil.copytree(gold / "dist", d)
+    args = ["verify", d, "--strategy", gold / "merged_strategy.ckpt"]
+    p = run_cli(args, n=2)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines()[0] == (f"verify deep: {d} (distributed (no manifest), "
+                                        "8 file(s)) on 2 rank(s)")
+    f = d / "rank_3" / "llama_rank_3-1_4.safetensors"
+    f.write_bytes(f.read_bytes()[:-1])
+    p = run_cli(args + ["--json"], n=2)
+    assert p.returncode == 1, p.stdout + p.stderr
+    doc = json.loads(p.stdout.splitlines()[-1])
+    assert [(q["kind"], q["file"], q["message"]) for q in doc["problems"]] == [
+        ("header", "rank_3/llama_rank_3-1_4.safetensors",
+         "tensor 'model.layers.0.attn.w': data_offsets [76, 100] are outside the data "
+         "region of 99 bytes")]
