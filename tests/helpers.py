@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -241,6 +242,30 @@ sys.stdout.flush()
 os.write(1, f"@@rank-exit {MPI.COMM_WORLD.Get_rank()} {rc}\n".encode())
 sys.exit(rc)
 """
+
+
+def run_ranks(args: Sequence, n: int, *, prelude: str = "",
+              env: Mapping[str, str] | None = None, timeout: float = 60):
+    """``mpiexec -n n`` hpcckpt ARGS, each rank running ``prelude`` first (fault
+    injection) and reporting its own exit status (``RANK_EXIT_WRAP``).
+
+    Returns (CompletedProcess, {rank: exit code}, seconds). A run that does not end
+    within ``timeout`` is a hang: its process group is killed and the test fails."""
+    cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-c", prelude + RANK_EXIT_WRAP,
+           *map(os.fspath, args)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=clean_env(env), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        raise AssertionError(f"hang: {' '.join(cmd)} did not end in {timeout} s") from None
+    seconds = time.monotonic() - t0
+    codes = {int(r): int(c) for r, c in re.findall(r"@@rank-exit (\d+) (-?\d+)\n", out)}
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), codes, seconds
 
 
 def assert_nothing_complete(out) -> None:

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,9 @@ from hpcckpt.formats.safetensors import build_header, read_header
 from hpcckpt.storage.manifest import read_manifest
 from hpcckpt.units import format_bytes
 
-from helpers import (DTYPES, RANK_EXIT_WRAP, _kill_group, assert_bytes_equal,  # noqa: F401
-                     assert_nothing_complete, clean_env, find_mpiexec, make_tensors,
-                     read_tensor, run_cli)
+import helpers
+from helpers import (DTYPES, assert_bytes_equal, assert_nothing_complete,  # noqa: F401
+                     clean_env, make_tensors, read_tensor, run_cli)
 
 FMT = "hpcckpt.strategy/1"
 TIMEOUT = 60
@@ -170,22 +169,8 @@ def has_error(p: subprocess.CompletedProcess, line: str) -> None:
 
 
 def run_ranks(args, n: int, timeout: float = TIMEOUT, prelude: str = ""):
-    """``mpiexec -n n`` hpcckpt ARGS; returns (CompletedProcess, {rank: exit code}, seconds).
-    ``prelude`` is Python run in every rank first (fault injection)."""
-    cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-c", prelude + RANK_EXIT_WRAP,
-           *map(os.fspath, args)]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        proc.communicate()
-        raise AssertionError(f"hung: {' '.join(cmd)} did not finish in {timeout} s") from None
-    seconds = time.monotonic() - t0
-    codes = {int(r): int(c) for r, c in re.findall(r"@@rank-exit (\d+) (-?\d+)\n", out)}
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), codes, seconds
+    """``helpers.run_ranks`` with this module's timeout."""
+    return helpers.run_ranks(args, n, prelude=prelude, timeout=timeout)
 
 
 def fails_everywhere(args, n: int, line: str, prelude: str = "") -> subprocess.CompletedProcess:

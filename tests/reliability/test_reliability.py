@@ -24,7 +24,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,8 +35,7 @@ from hpcckpt.ops.verify import PROBLEM_KINDS
 from hpcckpt.formats.safetensors import read_header
 from hpcckpt.storage.manifest import read_manifest
 
-from helpers import (RANK_EXIT_WRAP, _kill_group, clean_env, find_mpiexec, flip_bit,
-                     make_tensors, write_safetensors_file)
+from helpers import clean_env, flip_bit, make_tensors, run_ranks, write_safetensors_file
 
 TIMEOUT = 60
 FMT = "hpcckpt.strategy/1"
@@ -87,23 +85,10 @@ if _spec and _os.environ.get("PMI_RANK", "0") == _spec.split(":")[2]:
 
 
 def run(args, n: int = 1, env: dict | None = None, timeout: float = TIMEOUT):
-    """``mpiexec -n n`` hpcckpt ARGS with the fault shim; (CompletedProcess, {rank: exit
-    code}, seconds). A run that does not end within ``timeout`` is a hang: the test fails."""
-    cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-c", FAULTS + RANK_EXIT_WRAP,
-           *map(os.fspath, args)]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=clean_env(env), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        proc.communicate()
-        raise AssertionError(f"hang: {' '.join(cmd)} did not end in {timeout} s") from None
-    codes = {int(r): int(c) for r, c in re.findall(r"@@rank-exit (\d+) (-?\d+)\n", out)}
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), codes, \
-        time.monotonic() - t0
+    """``mpiexec -n n`` hpcckpt ARGS with the fault shim (``helpers.run_ranks``):
+    (CompletedProcess, {rank: exit code}, seconds); a run that does not end within
+    ``timeout`` is a hang and fails the test."""
+    return run_ranks(args, n, prelude=FAULTS, env=env, timeout=timeout)
 
 
 # ---- data ---------------------------------------------------------------------------
