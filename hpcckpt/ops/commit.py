@@ -44,7 +44,7 @@ import xxhash
 from ..comm import interrupts
 from ..comm.wrapper import Comm
 from ..errors import CheckpointIOError, RankFailure, UsageError
-from ..formats.names import CHECKSUM_PREFIX
+from ..formats.names import CHECKSUM_PREFIX, checksum_of
 from ..layout.box import Box
 from ..planning.outputs import OutputEntry, OutputFile, WritePiece
 from ..planning.runs import StridedRuns, tile_contiguous
@@ -85,10 +85,6 @@ class WriteOptions:
     def __post_init__(self):
         if not isinstance(self.buffer_size, int) or self.buffer_size < 1:
             raise UsageError(f"buffer size must be at least 1 byte (got {self.buffer_size!r})")
-
-
-def checksum_of(data) -> str:
-    return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(data)
 
 
 class OutputCommit:

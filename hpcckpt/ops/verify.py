@@ -41,7 +41,7 @@ from ..comm.wrapper import Comm, as_comm
 from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError, HpcckptError, UsageError
 from ..formats.names import (CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST,
-                             MODEL_FILES_DIR, MS_NAME_MAP)
+                             MODEL_FILES_DIR, MS_NAME_MAP, checksum_of)
 from ..formats.safetensors import TensorEntry as Entry, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
@@ -507,7 +507,7 @@ def check_carried(root: str, rel: str, size: int, checksum: str | None, rank: in
                                 rel, byte_range=(lo, hi), rank=rank)]
             if checksum is None:
                 return []
-            digest = CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(f.read())
+            digest = checksum_of(f.read())
     except FileNotFoundError:
         return [Problem("missing", "file not found", rel, rank=rank)]
     except OSError as e:

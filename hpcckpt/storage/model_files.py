@@ -20,10 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import xxhash
-
 from ..errors import FormatError, UsageError, quote
-from ..formats.names import CHECKSUM_PREFIX, HF_INDEX, MODEL_FILES_DIR
+from ..formats.names import CHECKSUM_PREFIX, HF_INDEX, MODEL_FILES_DIR, checksum_of
 from ..units import format_bytes
 
 DEFAULT_MAX_BYTES = 64 << 20   #: larger non-weight files are refused unless asked
@@ -43,7 +41,7 @@ class ModelFile:
 
     @property
     def checksum(self) -> str:
-        return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(self.data)
+        return checksum_of(self.data)
 
 
 def model_dir_of(complete: str | Path) -> Path | None:
