@@ -42,12 +42,13 @@ from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError, HpcckptError, UsageError
 from ..formats.names import (CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST,
                              MODEL_FILES_DIR, MS_NAME_MAP, checksum_of)
-from ..formats.safetensors import TensorEntry as Entry, read_header
+from ..formats.safetensors import TensorEntry as Entry, parse_header, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.tensor import TensorInfo
 from ..planning.checkwork import (CheckItem, Shard, divide_checks, divide_round_robin,
                                   shard_items, tiles_as_grid)
+from ..planning.outputs import rank_header
 from ..planning.runs import flat_range_to_boxes, strided_runs
 from ..planning.sources import check_tensor_chunks, group_chunks
 from ..storage.chunkio import ChunkReader
@@ -184,6 +185,9 @@ class Target:
     expect_headers: Callable[[set[str]], dict[str, list[Expect]]] | None = None
     #: carried model files (config, tokenizer): {file: (size, checksum)}
     carried: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: file -> (header bytes, file size) it must have exactly, when the record determines
+    #: them (rank files of a strategy); a file that differs takes the checked path
+    exact_header: Callable[[str], tuple[bytes, int]] | None = None
 
 
 # ---- step 1: recognise PATH -----------------------------------------------------------
@@ -239,13 +243,18 @@ def manifest_target(root: Path, name: str = MANIFEST) -> Target:
         t.problems.append(Problem("manifest", _strip(str(e), str(root / name)), name))
         return t
     sizes = m.file_sizes      # format 2 records them, format 1 does not
+    exact = None
+    if m.files_are_rank_files():
+        rank_of = {f: r for r, f in enumerate(files)}
+        exact = lambda f: rank_header(m.layout, rank_of[f])   # noqa: E731
     return Target("distributed", str(root), files, lambda fs: _manifest_expect(m, fs),
                   sizes=dict(sizes) if sizes else None, must_exist=(m.strategy,),
                   coverage=lambda t: _manifest_coverage(m, str(root / name), name, t),
                   tensor_names=tuple(m.shapes), exclusive=True, hashed=True,
                   dtypes={n: dt for n, (_, dt) in m.shapes.items()},
                   expect_headers=lambda fs: _manifest_expect(m, fs, checksums=False),
-                  carried={f"{MODEL_FILES_DIR}/{rel}": v for rel, v in m.model_files.items()})
+                  carried={f"{MODEL_FILES_DIR}/{rel}": v for rel, v in m.model_files.items()},
+                  exact_header=exact)
 
 
 def _records(m: ManifestIndex, name: str) -> list[tuple]:
@@ -491,6 +500,23 @@ def check_file(root: str, rel: str, rank: int, expect: list[Expect] | None,
     if expect is not None:
         out += _check_header(h, rel, rank, expect, exclusive)
     return out, entries
+
+
+def check_file_exact(root: str, rel: str, want: tuple[bytes, int], recorded: int | None,
+                     need_entries: bool) -> list[Entry] | None:
+    """The file has exactly the header and size ``want`` (and the recorded size): its
+    entries (``need_entries``; else an empty list). None when it differs in any way or
+    cannot be read: ``check_file`` then names what."""
+    head, size = want
+    path = os.path.join(root, rel)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size or size != (recorded or size) \
+                    or f.read(len(head)) != head:
+                return None
+    except OSError:
+        return None
+    return list(parse_header(path, head[8:], size).tensors.values()) if need_entries else []
 
 
 def check_carried(root: str, rel: str, size: int, checksum: str | None, rank: int
@@ -870,9 +896,20 @@ def _run(target: Target, comm: Comm, problems: list[Problem], deep: bool, finite
     entries: dict[str, list[Entry]] = {}
     with comm.step("files"), _no_gc():
         mine = [files[i] for i in divide_round_robin(len(files), size, rank)]
-        expect = (target.expect_headers or target.expect)(set(mine))
         sizes = target.sizes or {}
+        exact: dict[str, list[Entry]] = {}
+        if target.exact_header is not None:
+            for f in mine:
+                ents = check_file_exact(target.root, f, target.exact_header(f), sizes.get(f),
+                                        deep)
+                if ents is not None:
+                    exact[f] = ents
+        rest = {f for f in mine if f not in exact}
+        expect = (target.expect_headers or target.expect)(rest) if rest else {}
         for f in mine:
+            if f in exact:
+                entries[f] = exact[f]
+                continue
             found, ents = check_file(target.root, f, rank, expect.get(f), sizes.get(f),
                                      target.exclusive)
             problems += found

@@ -260,3 +260,69 @@ def test_mindspore_written_checkpoint(tmp_path):
         ("header", "rank_3/llama_rank_3-1_4.safetensors",
          "tensor 'model.layers.0.attn.w': data_offsets [76, 100] are outside the data "
          "region of 99 bytes")]
+
+
+def _flip(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _damage(d: Path, case: str) -> None:
+    """One defect planted in a copy of the split checkpoint."""
+    f0, f1 = (d / f"rank_{r}" / f"model_rank_{r}.safetensors" for r in (0, 1))
+    if case == "key byte":                  # a tensor renamed, same length
+        raw = f0.read_bytes()
+        f0.write_bytes(raw.replace(b'"w":{', b'"v":{', 1))
+    elif case == "offset digit":            # hpcckpt metadata: another box, same length
+        raw = f0.read_bytes()
+        at = raw.index(b'\\"offsets\\":[0')
+        f0.write_bytes(raw[:at + 13] + b"1" + raw[at + 14:])
+    elif case == "length prefix":
+        _flip(f0, 0)
+    elif case == "data byte":               # not a header defect: --quick finds nothing
+        _flip(f0, f0.stat().st_size - 1)
+    elif case == "truncated":
+        f0.write_bytes(f0.read_bytes()[:-1])
+    elif case == "appended":
+        f0.write_bytes(f0.read_bytes() + b"\0")
+    elif case == "swapped":                 # a valid rank file, of another rank
+        shutil.copyfile(f1, f0)
+    elif case == "missing":
+        f0.unlink()
+    elif case == "recorded size":
+        doc = json.loads((d / "manifest.json").read_text())
+        doc["file_sizes"][0] += 8
+        (d / "manifest.json").write_text(json.dumps(doc))
+    elif case == "checksum count":
+        doc = json.loads((d / "manifest.json").read_text())
+        doc["tensors"]["b"]["xxh3"] = doc["tensors"]["b"]["xxh3"][:16]
+        (d / "manifest.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("case", ["none", "key byte", "offset digit", "length prefix",
+                                  "data byte", "truncated", "appended", "swapped", "missing",
+                                  "recorded size", "checksum count"])
+@pytest.mark.parametrize("deep", [False, True])
+def test_exact_header_path_reports_what_the_checked_path_does(ckpt, tmp_path, monkeypatch,
+                                                              case, deep):
+    # a rank file of a strategy whose header is byte for byte rank_header's is not
+    # decoded; anything else takes the checked path, so both give the same report
+    from hpcckpt.ops import verify as ops_verify
+    from hpcckpt.ops.verify import verify
+    from hpcckpt.storage.manifest import ManifestIndex
+    d = copy(ckpt, tmp_path)
+    _damage(d, case)
+    checked_files = []
+    check_file = ops_verify.check_file
+    monkeypatch.setattr(ops_verify, "check_file",
+                        lambda root, f, *a: checked_files.append(f) or check_file(root, f, *a))
+    fast = verify(str(d), None, deep=deep)
+    intact = {"none": 4, "data byte": 4, "checksum count": 0, "recorded size": 3}.get(case, 3)
+    assert len(checked_files) == 4 - intact, checked_files
+    assert read_manifest(d).files_are_rank_files() == (case != "checksum count")
+    monkeypatch.setattr(ManifestIndex, "files_are_rank_files", lambda self: False)
+    checked = verify(str(d), None, deep=deep)
+    assert fast.problems == checked.problems
+    assert fast.bytes_checked == checked.bytes_checked
+    assert fast.ok == (case == "none" or case == "data byte" and not deep)

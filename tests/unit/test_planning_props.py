@@ -18,7 +18,7 @@ from hpcckpt.layout.strategy import Strategy
 from hpcckpt.layout.yaml_io import strategy_from_dict, strategy_to_yaml
 from hpcckpt.planning.assign import balanced_cuts, lpt
 from hpcckpt.planning.dedup import plan_dedup
-from hpcckpt.planning.outputs import divide_writes, hf_files, rank_files
+from hpcckpt.planning.outputs import divide_writes, hf_files, rank_file, rank_files, rank_header
 from hpcckpt.planning.routes import plan_routes
 from hpcckpt.planning.runs import strided_runs
 from hpcckpt.layout.tensor import TensorInfo
@@ -467,3 +467,49 @@ def test_itemsizes_used_by_generators():
     assert {d: itemsize(d) for d in DTYPES} == {"F32": 4, "BF16": 2, "U8": 1, "I64": 8,
                                                  "F16": 2, "F8_E4M3": 1}
     assert math.prod(()) == 1
+
+
+# ---------------------------------------------------------------------------------
+# rank file headers: the text templates write exactly what json.dumps of the dicts does
+# ---------------------------------------------------------------------------------
+#: names a JSON or format template could mishandle: braces, quotes, escapes, non-ASCII
+NAME_CHARS = st.sampled_from(list('ab.{}"\\/:,[] é日\u2028\t{0}'))
+
+
+def _reference_rank_file(s: Strategy, rank: int, dedup):
+    """rank_file as it was first written: records -> dicts -> build_header."""
+    import json
+    from hpcckpt.planning.outputs import make_file
+    records = []
+    for t, box in s.rank_boxes(rank):
+        if dedup is not None:
+            box = dedup.box_for(rank, t.name)
+            if box is None:
+                continue
+        records.append((t.name, t.dtype, box, t.shape))
+    desc = {n: {"shape": list(g), "offsets": list(b.offsets)} for n, _, b, g in records}
+    meta = {"format": "ms", "remove_redundancy": "True" if dedup is not None else "False",
+            "hpcckpt": json.dumps(desc, separators=(",", ":"))}
+    if dedup is not None:
+        meta["dedup"] = dedup.mode
+    return make_file("f", records, meta, rank)
+
+
+@PROPS
+@given(st.data())
+def test_rank_file_headers_equal_the_json_dumps_layout(data):
+    tensors = data.draw(tensor_table())
+    names = data.draw(st.lists(st.text(NAME_CHARS, min_size=1, max_size=6), min_size=len(tensors),
+                               max_size=len(tensors), unique=True))
+    doc = data.draw(layout_doc(tensors, 16))
+    doc["tensors"] = {new: doc["tensors"][old] for new, (old, _, _) in zip(names, tensors)}
+    s = strategy_from_dict(doc, where="gen")
+    mode = data.draw(st.sampled_from([None, "whole", "balanced"]))
+    dedup = plan_dedup(s, mode) if mode else None
+    for _ in range(2):   # the second pass is served from the templates the first built
+        for r in range(s.world_size):
+            got = rank_file(s, "p", r, dedup, path="f")
+            want = _reference_rank_file(s, r, dedup)
+            assert got.header == want.header
+            assert got.entries == want.entries
+            assert rank_header(s, r, dedup) == (want.header, want.size)
