@@ -43,6 +43,20 @@ def _launch_env(names: tuple[str, ...], default: int) -> int:
     return default
 
 
+def one_node(env) -> bool:
+    """Whether the launcher says every rank of the job is on this node (False when it
+    does not say): Hydra and Open MPI give the local and the world size, srun the node
+    count; a process started without a launcher is a job of one."""
+    pairs = (("MPI_LOCALNRANKS", "PMI_SIZE"),
+             ("OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    for local, world in pairs:
+        if world in env:
+            return env.get(local) == env[world]
+    if "SLURM_PROCID" in env:
+        return env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES")) == "1"
+    return not any(v in env for v in _RANK_VARS + _SIZE_VARS)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with hpcckpt's error report: the usage of the (sub)command that failed,
     a message in the user's terms, printed by rank 0 only, JSON too with --json."""
@@ -127,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     # is imported, and they spin: with a rank per core that took a fifth of a 2-rank
     # load's start-up (and on a 64-core node, 64 threads per rank). Before numpy's import.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if one_node(os.environ):
+        # UCX (the PyPI MPICH's network layer) patches mmap/munmap when its library loads,
+        # for its registration cache: 40 ms of every rank's start-up. Ranks on one node talk
+        # through MPICH's shared memory, never UCX's network, so the hooks serve nothing.
+        os.environ.setdefault("UCX_MEM_EVENTS", "no")
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(json_errors="--json" in argv, command=named_command(argv))
     args, unknown = parser.parse_known_args(argv)

@@ -1073,3 +1073,21 @@ def test_a_closed_stdout_ends_quietly(data, tmp_path, args):
     finally:
         os.close(write_end)
     assert (proc.returncode, proc.stderr) == (141, ""), proc.stderr
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, True),                                                      # no launcher: one process
+    ({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4", "PMI_RANK": "1"}, True),        # Hydra, one node
+    ({"PMI_SIZE": "8", "MPI_LOCALNRANKS": "4", "PMI_RANK": "1"}, False),       # Hydra, two
+    ({"PMI_SIZE": "8", "PMI_RANK": "1"}, False),                     # a PMI that does not say
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, False),
+    ({"SLURM_PROCID": "0", "SLURM_NNODES": "1", "SLURM_NTASKS": "4"}, True),  # srun
+    ({"SLURM_PROCID": "0", "SLURM_NNODES": "2", "SLURM_STEP_NUM_NODES": "1"}, True),
+    ({"SLURM_PROCID": "3", "SLURM_NNODES": "2"}, False),
+    ({"SLURM_NTASKS": "4"}, False),                                  # an allocation, no task
+])
+def test_one_node_from_the_launchers_environment(env, expected):
+    # on one node the CLI turns UCX's memory hooks off (40 ms of start-up per rank)
+    from hpcckpt.cli.main import one_node
+    assert one_node(env) is expected
