@@ -273,7 +273,7 @@ def _reads_alike(json_text: str) -> bool:
 
 def strategy_to_json_text(strategy: Strategy) -> str | None:
     """The strategy as a JSON document that YAML reads alike, one top-level key per line
-    and one tensor per line; None when a name keeps it from reading alike (over
+    and one tensor per line; None when a name keeps it from reading alike (e.g. over
     _MAX_KEY characters, a surrogate, 64 spaces in a row)."""
     doc = strategy.to_dict()
     if any(len(k) > _MAX_KEY for k in (*doc["mesh"], *doc["tensors"])):
