@@ -92,13 +92,13 @@ def write_source_manifest(strategy, root: str) -> str:
 
     from hpcckpt.ops.common import build_manifest
     from hpcckpt.planning.outputs import rank_files
-    from hpcckpt.storage.atomic import atomic_write_json
-    from hpcckpt.layout.yaml_io import write_strategy_yaml
+    from hpcckpt.storage.atomic import atomic_write_bytes, atomic_write_json
+    from hpcckpt.layout.yaml_io import strategy_file_bytes
     os.makedirs(root, exist_ok=True)
     files = rank_files(strategy, "model", None)
     sums = {(fi, ei): "xxh3_64:0000000000000000" for fi, f in enumerate(files)
             for ei in range(len(f.entries))}
-    write_strategy_yaml(strategy, Path(root) / "strategy.yaml")
+    atomic_write_bytes(Path(root) / "strategy.yaml", strategy_file_bytes(strategy))
     atomic_write_json(Path(root) / "manifest.json",
                       build_manifest(strategy, files, sums, False, "model").to_dict(), False)
     return root

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import FormatError
 from ..formats.names import MANIFEST, MODEL_FILES_DIR, STRATEGY_FILE, rank_dir_name
 from ..layout.strategy import Strategy
-from ..layout.yaml_io import strategy_to_yaml
+from ..layout.yaml_io import strategy_file_bytes
 from ..planning.outputs import OutputFile
 from ..planning.sources import SourceIndex
 from ..storage import model_files
@@ -56,5 +56,5 @@ def distributed_records(strategy: Strategy, files: list[OutputFile],
     files, the strategy, then the manifest (its presence means complete)."""
     manifest = build_manifest(strategy, files, checksums, dedup, prefix, carried)
     return [*model_files.records(list(carried), MODEL_FILES_DIR),
-            (STRATEGY_FILE, strategy_to_yaml(strategy).encode()),
+            (STRATEGY_FILE, strategy_file_bytes(strategy)),
             (MANIFEST, json_bytes(manifest.to_dict()))]

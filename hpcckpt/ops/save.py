@@ -39,7 +39,7 @@ from ..errors import FormatError, RankFailure, UsageError
 from ..formats.names import HF_INDEX, MODEL_FILES_DIR, STRATEGY_FILE, rank_dir_name
 from ..layout.box import Box
 from ..layout.strategy import Strategy
-from ..layout.yaml_io import strategy_to_yaml
+from ..layout.yaml_io import strategy_file_bytes, strategy_to_yaml
 from ..planning.dedup import DedupPlan, dedup_mode, plan_dedup
 from ..planning.outputs import OutputFile, hf_files, hf_index, rank_file
 from ..planning.runs import StridedRuns, strided_runs
@@ -322,14 +322,16 @@ class _Integrated:
 
 def _adopt_strategy(root: Path, strategy: Strategy, fsync: bool) -> str:
     """The strategy file of this run: ``strategy.yaml``, or ``strategy-<hash>.yaml`` when
-    an earlier run in the directory wrote a different layout there."""
-    text = strategy_to_yaml(strategy).encode()
+    an earlier run in the directory wrote a different layout there (an earlier release
+    wrote the same layout as block YAML: that file is this run's too)."""
+    text = strategy_file_bytes(strategy)
     for name in (STRATEGY_FILE, f"strategy-{xxhash.xxh3_64_hexdigest(text)}.yaml"):
         p = root / name
         if not p.exists():
             atomic_write_bytes(p, text, fsync)
             return name
-        if p.read_bytes() == text:
+        held = p.read_bytes()
+        if held == text or held == strategy_to_yaml(strategy).encode():
             return name
     raise FormatError(f"{root}: strategy-{xxhash.xxh3_64_hexdigest(text)}.yaml exists with "
                       "other contents")

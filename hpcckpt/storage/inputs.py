@@ -110,7 +110,8 @@ class ManifestReader(SafetensorsReader):
 
     Chunks are decoded and checked (paths inside ``root``, inside the tensor, no overlap,
     complete) per tensor on first use; unless ``lazy``, every tensor is checked in
-    ``open``. The strategy is read only when the caller gives none (0.4 s at 1024 ranks).
+    ``open``. The strategy is read only when the caller gives none (at 1024 ranks: 0.08 s,
+    0.45 s as block YAML).
     """
 
     name = "distributed checkpoint with manifest"
@@ -211,7 +212,7 @@ def _manifest_layout(root: Path, m: ManifestIndex, given: Strategy | None,
     """The checkpoint's own strategy, bound to ``m`` (its world size checked): ``given``
     when its digest is the one the manifest records, else the strategy file, read only
     when the manifest needs it (format-2 chunks are given by it) or no strategy was given
-    (parsing one of 1024 ranks takes 0.4 s)."""
+    (parsing one of 1024 ranks takes 0.08 s, 0.45 s as block YAML)."""
     where = root / m.strategy
     if given is not None and m.strategy_digest is not None \
             and m.strategy_digest == strategy_digest(given):

@@ -197,6 +197,26 @@ def test_synthetic_column_slice_costs_its_own_bytes():
     assert got.nbytes == 4 << 20 and peak < got.nbytes + (4 << 20), peak   # rows: +16 MiB
 
 
+def test_manager_adopts_strategy_copy_of_an_earlier_release(tmp_path):
+    """Copies are JSON now; a directory begun when they were block YAML keeps its
+    strategy.yaml for the same layout, and a new layout still gets strategy-<hash>.yaml."""
+    from hpcckpt.layout.yaml_io import strategy_file_bytes, strategy_to_yaml
+    s = one_rank()
+    d = tmp_path / "checkpoint"
+    d.mkdir()
+    (d / "strategy.yaml").write_text(strategy_to_yaml(s))
+    with CheckpointManager(d, s, None, prefix="p") as m:
+        m.save(state_at(s, 1), 1, 1)
+    assert sorted(p.name for p in d.glob("strategy*")) == ["strategy.yaml"]
+    assert hpcckpt.load(str(d), s, None)["h"].tobytes() == state_at(s, 1)["h"].tobytes()
+    two = strategy_from_dict({"format": FMT, "mesh": {"dp": 1}, "tensors": {
+        "h": {"shape": [5], "dtype": "F16"}}}, where="s2.yaml")
+    with CheckpointManager(d, two, None, prefix="p") as m:
+        m.save(state_at(two, 2), 1, 2)
+    [other] = [p for p in d.glob("strategy-*.yaml")]
+    assert other.read_bytes() == strategy_file_bytes(two) and other.read_text()[0] == "{"
+
+
 def test_balanced_dedup_read_without_manifest(tmp_path):
     """A balanced de-duplicated checkpoint stores slabs; read without its manifest (as a
     MindSpore-style directory, given the strategy) the files' own metadata place them."""
