@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import xxhash
 
@@ -48,13 +48,15 @@ from ..layout.strategy import Strategy
 from ..layout.tensor import TensorInfo
 from ..planning.checkwork import (CheckItem, Shard, divide_checks, divide_round_robin,
                                   shard_items, tiles_as_grid)
-from ..planning.outputs import rank_header
+from ..planning.rank_header import rank_header
 from ..planning.runs import flat_range_to_boxes, strided_runs
 from ..planning.sources import check_tensor_chunks, group_chunks
-from ..storage.chunkio import ChunkReader
 from ..storage.fileio import pread_into, safe_join
 from ..storage.inputs import open_input, rank_dirs
 from ..storage.manifest import ManifestIndex, read_manifest
+
+if TYPE_CHECKING:
+    from ..storage.chunkio import ChunkReader
 
 #: read buffer per rank when only hashing: each read is hashed while it is still in the
 #: CPU cache. 1 GiB from page cache, read + xxh3, 2-core VM: 0.28 s CPU at 256 KiB,
@@ -632,7 +634,7 @@ class Against:
 
     path: str
     source: object
-    reader: ChunkReader
+    reader: "ChunkReader"   # storage.chunkio, imported with --against only (start-up)
     atol: float | None
     rtol: float | None
     buf: bytearray | None = None
@@ -873,6 +875,7 @@ def verify(path: str, comm: Comm, *, strategy: Strategy | None = None, step: str
         ag = None
         if against is not None:
             other = open_input(against, against_strategy)
+            from ..storage.chunkio import ChunkReader
             ag = Against(against, other.source, ChunkReader(other.root), atol, rtol)
     problems: list[Problem] = list(target.problems) if rank == 0 else []
     steps = {"open": round(time.perf_counter() - t0, 4)}

@@ -6,21 +6,16 @@ writes, and so that ``--dry-run`` knows every byte without touching the disk.
 """
 from __future__ import annotations
 
-import json
-import math
-import struct
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Iterable
 
 from ..layout.box import Box
-from ..dtypes import DTYPES, itemsize
-from ..layout.strategy import Strategy, TensorSpec
+from ..layout.strategy import Strategy
 from ..formats.names import hf_shard_name, ms_part_name, rank_file_name
 from ..formats.safetensors import build_header
 from .assign import balanced_cuts
 from .dedup import DedupPlan
+from .rank_header import rank_header_spans, rank_records
 from .runs import flat_range_to_boxes
 from ..layout.tensor import TensorInfo
 
@@ -144,121 +139,12 @@ def hf_index(files: list[OutputFile]) -> dict:
 
 
 # ---- distributed weights -----------------------------------------------------------
-def _rank_records(strategy: Strategy, rank: int, dedup: "DedupPlan | None"
-                  ) -> list[tuple[TensorSpec, Box]]:
-    """What ``rank``'s file stores, in order: its boxes, or what ``dedup`` gives it."""
-    if dedup is None:
-        return list(strategy.rank_boxes(rank))
-    out = []
-    for t, _ in strategy.rank_boxes(rank):
-        box = dedup.box_for(rank, t.name)
-        if box is not None:
-            out.append((t, box))
-    return out
-
-
-def _rank_metadata(dedup: "DedupPlan | None") -> dict[str, str]:
-    """A rank file's ``__metadata__`` besides ``hpcckpt`` (which goes third)."""
-    return {"format": "ms", "remove_redundancy": "True" if dedup is not None else "False"}
-
-
-@lru_cache(maxsize=1 << 16)
-def _quoted(name: str) -> tuple[str, str]:
-    """``name`` as a JSON string in the header (UTF-8 as is) and in the ``hpcckpt``
-    metadata (ASCII escapes, as ``json.dumps`` writes by default)."""
-    return json.dumps(name, ensure_ascii=False), json.dumps(name)
-
-
-def _ints(values) -> str:
-    return "[" + ",".join(map(str, values)) + "]"   # json.dumps(list(values), ",", ":")
-
-
-@dataclass(slots=True)
-class _HeaderTemplate:
-    """A rank header's text for one sequence of tensors held as one pattern of boxes
-    (the ranks of a pipeline stage): only the boxes' sizes and offsets vary by rank."""
-
-    specs: tuple            #: the tensors; kept alive because the cache key holds their ids
-    desc: str               #: the ``hpcckpt`` metadata, ``{i}``: offsets of distinct box i
-    entries: dict = field(default_factory=dict)   #: sizes of the boxes -> (text, spans)
-
-
-_TEMPLATES: "OrderedDict[tuple, _HeaderTemplate]" = OrderedDict()
-_TEMPLATES_KEPT = 64
-
-
-def _braces(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")   # literal text in a str.format template
-
-
-def _rank_header(records: list[tuple[TensorSpec, Box]], dedup: "DedupPlan | None"
-                 ) -> tuple[bytes, list[tuple[int, int]]]:
-    """``build_header`` of a rank file, byte for byte, from text templates: 1,024 rank
-    files of a 70B model hold 370,000 entries, and ``json.dumps`` of their dicts took
-    4 ms per file (a shared-filesystem writer lays out every file; ``verify --quick``
-    compares every header with this). A rank's ~360 records hold ~20 distinct boxes
-    (tensors laid out alike share one), and the ranks of a stage differ only in those
-    boxes, so a stage's text is built once and each rank fills in its boxes. Returns
-    the header (length prefix included) and each record's absolute ``(begin, end)``."""
-    specs = tuple([t for t, _ in records])
-    slot_of: dict[int, int] = {}
-    slots = tuple([slot_of.setdefault(id(b), len(slot_of)) for _, b in records])
-    boxes = list({id(b): b for _, b in records}.values())   # in slot order
-    key = (tuple(map(id, specs)), slots)
-    tpl = _TEMPLATES.get(key)
-    if tpl is None:
-        pieces = []
-        for t, slot in zip(specs, slots):
-            inner = _quoted(t.name)[1]
-            pieces.append(_braces(f'{inner}:{{"shape":{_ints(t.shape)},"offsets":')
-                          + f"{{{slot}}}" + "}}")
-        tpl = _TEMPLATES[key] = _HeaderTemplate(specs, "{{" + ",".join(pieces) + "}}")
-        if len(_TEMPLATES) > _TEMPLATES_KEPT:
-            _TEMPLATES.popitem(last=False)
-    sizes = tuple([b.sizes for b in boxes])
-    got = tpl.entries.get(sizes)
-    if got is None:
-        texts = [_ints(s) for s in sizes]
-        entries, rel = [], []
-        pos = 0
-        for t, slot in zip(specs, slots):
-            size = DTYPES.get(t.dtype)
-            if size is None:
-                itemsize(t.dtype, f"tensor {t.name!r}: ")   # raises, naming the tensor
-            end = pos + math.prod(sizes[slot]) * size[0]
-            entries.append(f'{_quoted(t.name)[0]}:{{"dtype":"{t.dtype}","shape":{texts[slot]},'
-                           f'"data_offsets":[{pos},{end}]}}')
-            rel.append((pos, end))
-            pos = end
-        got = ("".join("," + e for e in entries), rel)
-        if len(tpl.entries) < _TEMPLATES_KEPT:   # de-duplicated slabs vary by rank
-            tpl.entries[sizes] = got
-    meta = _rank_metadata(dedup)
-    meta["hpcckpt"] = tpl.desc.format(*[_ints(b.offsets) for b in boxes])
-    if dedup is not None:
-        meta["dedup"] = dedup.mode
-    text = ('{"__metadata__":' + json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
-            + got[0] + "}")
-    raw = text.encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    start = 8 + len(raw)
-    return struct.pack("<Q", len(raw)) + raw, [(start + b, start + e) for b, e in got[1]]
-
-
-def rank_header(strategy: Strategy, rank: int, dedup: "DedupPlan | None" = None
-                ) -> tuple[bytes, int]:
-    """Rank ``rank``'s file header exactly as ``rank_file`` lays it out, and the file's
-    size, without building its entries: what ``verify --quick`` expects to find."""
-    head, spans = _rank_header(_rank_records(strategy, rank, dedup), dedup)
-    return head, spans[-1][1] if spans else len(head)
-
-
 def rank_file(strategy: Strategy, prefix: str, rank: int, dedup: "DedupPlan | None" = None,
               path: str | None = None) -> OutputFile:
     """Rank ``rank``'s file (at ``path``, default ``rank_file_name``): its boxes, or with
     ``dedup`` only what the plan gives it to store (whole boxes or slabs of them)."""
-    records = _rank_records(strategy, rank, dedup)
-    head, spans = _rank_header(records, dedup)
+    records = rank_records(strategy, rank, dedup)
+    head, spans = rank_header_spans(records, dedup)
     entries = tuple(OutputEntry(t.info, box, b, e) for (t, box), (b, e) in zip(records, spans))
     return OutputFile(path or rank_file_name(prefix, rank), head, entries, rank)
 

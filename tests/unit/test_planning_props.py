@@ -18,7 +18,8 @@ from hpcckpt.layout.strategy import Strategy
 from hpcckpt.layout.yaml_io import strategy_from_dict, strategy_to_yaml
 from hpcckpt.planning.assign import balanced_cuts, lpt
 from hpcckpt.planning.dedup import plan_dedup
-from hpcckpt.planning.outputs import divide_writes, hf_files, rank_file, rank_files, rank_header
+from hpcckpt.planning.outputs import divide_writes, hf_files, rank_file, rank_files
+from hpcckpt.planning.rank_header import rank_header
 from hpcckpt.planning.routes import plan_routes
 from hpcckpt.planning.runs import strided_runs
 from hpcckpt.layout.tensor import TensorInfo
