@@ -3,6 +3,7 @@ messages word for word."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -328,3 +329,34 @@ def test_exact_header_path_reports_what_the_checked_path_does(ckpt, tmp_path, mo
     assert fast.problems == checked.problems
     assert fast.bytes_checked == checked.bytes_checked
     assert fast.ok == (case == "none" or case == "data byte" and not deep)
+
+
+def test_hash_mapped_equals_reading_and_stops_where_a_page_cannot_be_read(tmp_path,
+                                                                        monkeypatch):
+    import mmap
+    from hpcckpt.ops import verify as ops_verify
+    data = bytes(range(256)) * (3 * 4096 + 77)             # windows, pages, a ragged end
+    f = tmp_path / "f.bin"
+    f.write_bytes(data)
+    monkeypatch.setattr(ops_verify, "MAP_WINDOW", 64 << 10)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        for start, stop in [(0, len(data)), (5, len(data) - 3), (4095, 4097), (100, 100)]:
+            h = xxhash.xxh3_64()
+            assert ops_verify._hash_mapped(fd, start, stop, h) == stop
+            assert h.hexdigest() == xxhash.xxh3_64_hexdigest(data[start:stop])
+        # a window past the end of the file is not mapped
+        assert ops_verify._hash_mapped(fd, 0, len(data) + 10, xxhash.xxh3_64()) == \
+            len(data) // (64 << 10) * (64 << 10)
+        # the file cut short after the mapping was made: populating the mapping fails
+        # (EFAULT) where touching it would have raised SIGBUS and killed the rank
+        real = mmap.mmap
+
+        def map_then_truncate(*a, **k):
+            m = real(*a, **k)
+            os.truncate(f, 8192)
+            return m
+        monkeypatch.setattr(mmap, "mmap", map_then_truncate)
+        assert ops_verify._hash_mapped(fd, 65536, 131072, xxhash.xxh3_64()) == 65536
+    finally:
+        os.close(fd)

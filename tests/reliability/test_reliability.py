@@ -9,7 +9,7 @@ nothing half-written looks complete; the input is intact afterwards.
 Faults (ENOSPC, EIO, SIGKILL) are injected by a Python-level shim (``FAULTS`` below) run
 in every rank before hpcckpt's main: with ``HPCCKPT_TEST_FAULT=OP:WHAT:RANK:MATCH:SKIP`` set,
 rank RANK's ``os.pwrite``/``os.write`` (OP ``write``) or ``os.pread``/``os.preadv``/
-``os.readv``/``os.read`` (OP ``read``) on a file whose path contains MATCH raises
+``os.readv``/``os.read``/``mmap.mmap`` (OP ``read``) on a file whose path contains MATCH raises
 ``OSError(WHAT)`` (ENOSPC, EIO) or SIGKILLs the process (KILL), after SKIP such calls.
 No root, tmpfs, FUSE or LD_PRELOAD needed: it runs in CI as is.
 
@@ -81,6 +81,9 @@ if _spec and _os.environ.get("PMI_RANK", "0") == _spec.split(":")[2]:
         return inner
     for _n in (("pwrite", "write") if _op == "write" else ("pread", "preadv", "readv", "read")):
         setattr(_os, _n, _wrap(getattr(_os, _n)))
+    if _op == "read":   # verify hashes through mappings: the disk error fails the mapping
+        import mmap as _mmap
+        _mmap.mmap = _wrap(_mmap.mmap)
 """
 
 
