@@ -8,10 +8,12 @@ with positioned writes.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import stat
 import struct
 from operator import itemgetter
 from dataclasses import dataclass, field
@@ -56,11 +58,40 @@ class SafetensorsHeader:
             raise FormatError(f"{self.path}: has no tensor {name!r}") from None
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of the checkpoint file ``path``; an ``OSError`` naming what
+    it is when it is not a regular file. A FIFO put where a checkpoint file belongs
+    would block the open forever (no writer) and a device would read without end:
+    ``O_NONBLOCK`` makes the open return, the file type is checked, and the flag (which
+    regular files ignore) is cleared."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | os.PathLike) -> bytes:
+    """The whole of the checkpoint file ``path`` (``open_regular``'s checks)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read()
+
+
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Read and validate a safetensors header (only the header bytes are read)."""
     path = str(path)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:

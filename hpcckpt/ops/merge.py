@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..comm.wrapper import Comm, as_comm
 from ..errors import UsageError
 from ..layout.strategy import Strategy
 from ..formats.names import HF_INDEX, MS_HYPER_PARAMS, MS_META, MS_NAME_MAP, rank_dir_name
-from ..formats.safetensors import build_header
+from ..formats.safetensors import build_header, open_regular
 from ..planning.outputs import MS_PART_SIZE, divide_writes, hf_files, hf_index, ms_unified_files
 from ..storage.atomic import json_bytes
 from ..storage import model_files
@@ -121,7 +122,7 @@ def _hyper_params(inp, merged: set[str], exclude_prefixes: tuple[str, ...]) -> b
     data = bytearray(sum(e.nbytes for e, _ in extra))
     pos = 0
     for e, path in extra:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             pread_into(f.fileno(), memoryview(data)[pos:pos + e.nbytes], e.begin, path)
         pos += e.nbytes
     return head + bytes(data)

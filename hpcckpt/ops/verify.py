@@ -45,7 +45,7 @@ from ..dtypes import DTYPES, itemsize
 from ..errors import CheckpointIOError, FormatError, HpcckptError, UsageError
 from ..formats.names import (CHECKSUM_PREFIX, HF_INDEX, HF_SHARD, MANIFEST,
                              MODEL_FILES_DIR, MS_NAME_MAP, checksum_of)
-from ..formats.safetensors import TensorEntry as Entry, parse_header, read_header
+from ..formats.safetensors import TensorEntry as Entry, open_regular, parse_header, read_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.tensor import TensorInfo
@@ -515,7 +515,7 @@ def check_file_exact(root: str, rel: str, want: tuple[bytes, int], recorded: int
     head, size = want
     path = os.path.join(root, rel)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             if os.fstat(f.fileno()).st_size != size or size != (recorded or size) \
                     or f.read(len(head)) != head:
                 return None
@@ -530,7 +530,7 @@ def check_carried(root: str, rel: str, size: int, checksum: str | None, rank: in
     with ``checksum`` its bytes hash to it (small files, read whole)."""
     path = os.path.join(root, rel)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             got = os.fstat(f.fileno()).st_size
             if got != size:
                 lo, hi = sorted((got, size))
@@ -694,7 +694,7 @@ def check_items(root: str, items: list[CheckItem], begins: dict, dtypes: dict[st
             fd = fds.get(it.file)
             if fd is None:
                 try:
-                    fd = fds[it.file] = os.open(path, os.O_RDONLY)
+                    fd = fds[it.file] = open_regular(path)
                 except OSError as e:
                     problems.append(Problem("io", f"cannot open: {e.strerror or e}", it.file,
                                             it.tensor, str(it.box), rank=rank))

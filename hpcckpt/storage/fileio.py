@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointIOError, FormatError
+from ..formats.safetensors import open_regular
 
 # ---- positioned I/O --------------------------------------------------------------
 DEFAULT_BUFFER = 4 << 20   #: small enough to stay in the CPU cache between read and write
@@ -114,7 +115,8 @@ class FileHandles:
                 old = next(iter(self._fds))
                 os.close(self._fds.pop(old))
             try:
-                fd = os.open(path, self._flags)
+                fd = os.open(path, self._flags) if self._flags != os.O_RDONLY \
+                    else open_regular(path)
             except OSError as e:
                 raise CheckpointIOError(f"{path}: cannot open: {e.strerror or e}") from None
         self._fds[path] = fd  # most recent last

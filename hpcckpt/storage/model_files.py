@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import FormatError, UsageError, quote
 from ..formats.names import CHECKSUM_PREFIX, HF_INDEX, MODEL_FILES_DIR, checksum_of
+from ..formats.safetensors import read_regular
 from ..units import format_bytes
 
 DEFAULT_MAX_BYTES = 64 << 20   #: larger non-weight files are refused unless asked
@@ -90,8 +91,11 @@ def collect(root: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> list[ModelF
             if len(found) == MAX_FILES:
                 raise UsageError(f"{root}: more than {MAX_FILES} non-weight files; "
                                  "is this a model directory?")
-            with open(full, "rb") as f:
-                found.append(ModelFile(rel, f.read()))
+            try:
+                found.append(ModelFile(rel, read_regular(full)))
+            except OSError as e:   # a FIFO would have blocked the open forever
+                raise UsageError(f"{full}: cannot carry it: {e.strerror or e}; remove it from "
+                                 "the model directory") from None
     return found
 
 
@@ -138,7 +142,7 @@ def read_carried(dist: str | Path, entries: dict[str, tuple[int, str]]) -> list[
     for rel, (size, sig) in entries.items():
         path = Path(dist) / MODEL_FILES_DIR / rel
         try:
-            data = path.read_bytes()
+            data = read_regular(path)
         except OSError as e:
             raise FormatError(f"{path}: carried model file cannot be read: "
                               f"{e.strerror or e}") from None

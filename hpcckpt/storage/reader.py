@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import CheckpointIOError
+from ..formats.safetensors import read_regular
 from ..layout.box import Box
 from ..layout.strategy import Strategy
 from ..layout.tensor import TensorInfo
@@ -73,9 +74,9 @@ def read_file(path: str | Path) -> bytes | None:
     """A metadata file's bytes, or None when it does not exist; other errors name it."""
     path = str(path)
     try:
-        with open(path, "rb") as f:
-            OPENED.append(path)
-            return f.read()
+        data = read_regular(path)
+        OPENED.append(path)
+        return data
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:

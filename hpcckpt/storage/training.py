@@ -32,6 +32,7 @@ from typing import Iterable
 from ..errors import CheckpointIOError, FormatError, UsageError
 from ..formats.names import (MS_META, TRAINING_LATEST, TRAINING_RECORDS, rank_dir_name,
                              record_name, step_file_name)
+from ..formats.safetensors import read_regular
 from .atomic import PARTIAL, atomic_write_json, fsync_dir
 
 RECORDS, LATEST, META = TRAINING_RECORDS, TRAINING_LATEST, MS_META
@@ -122,11 +123,14 @@ def list_records(directory: str | Path) -> list[StepRecord]:
             continue  # e.g. a record being written (*.partial): not committed
         path = d / name
         try:
-            doc = json.loads(path.read_bytes())
+            doc = json.loads(read_regular(path))
         except FileNotFoundError:
             continue  # rotated away meanwhile
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{path}: commit record is not valid JSON: {e}") from None
+        except OSError as e:   # e.g. not a regular file
+            raise FormatError(f"{path}: commit record cannot be read: {e.strerror or e}") \
+                from None
         c = commit_fields(doc, str(path))
         files = doc.get("files")
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
@@ -217,7 +221,7 @@ def write_latest(directory: str | Path, rec: StepRecord, fsync: bool = True) -> 
 def read_latest(directory: str | Path) -> dict | None:
     """The ``latest`` pointer, or None when absent or unreadable (it is only a pointer)."""
     try:
-        doc = json.loads((Path(directory) / LATEST).read_bytes())
+        doc = json.loads(read_regular(Path(directory) / LATEST))
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and doc.get("format") == LATEST_FORMAT else None

@@ -274,3 +274,75 @@ def test_bad_ms_name_map(tmp_path):
         open_input(d)
     assert str(e.value) == (f"{d / 'param_name_map.json'}: tensor 'w' is mapped to "
                             "{'file': 'part0.safetensors'}, not a file name")
+
+
+# ---- a FIFO (or another non-regular file) where a checkpoint file belongs ------------
+@pytest.fixture(scope="module")
+def small_dist(tmp_path_factory) -> Path:
+    import hpcckpt
+    from hpcckpt.ops.filecopy import CopyOptions
+    from hpcckpt.layout.yaml_io import strategy_from_dict
+    from helpers import make_tensors, write_safetensors_file
+    root = tmp_path_factory.mktemp("fifo")
+    tensors = {"w": ([6, 4], "F32"), "b": ([6], "F32")}
+    (root / "hf").mkdir()
+    write_safetensors_file(root / "hf" / "model.safetensors", make_tensors(tensors, seed=3),
+                           {n: dt for n, (_, dt) in tensors.items()})
+    s = strategy_from_dict({"format": "hpcckpt.strategy/1", "mesh": {"dp": 2, "tp": 2},
+                            "tensors": {"w": {"shape": [6, 4], "dtype": "F32", "split": ["tp"]},
+                                        "b": {"shape": [6], "dtype": "F32", "zero": "dp"}}},
+                           where="s")
+    hpcckpt.split(str(root / "hf"), str(root / "dist"), s,
+                  options=CopyOptions(fsync=False, progress=False))
+    return root
+
+
+def _fifo_in_place(dist: Path, rel: str) -> None:
+    import os
+    (dist / rel).unlink()
+    os.mkfifo(dist / rel)
+
+
+@pytest.mark.parametrize("rel, args, expected", [
+    ("rank_0/model_rank_0.safetensors", ["verify", "{d}", "--quick"],
+     "header: rank_0/model_rank_0.safetensors: cannot read: not a regular file (a FIFO) "
+     "(rank 0)"),
+    ("rank_0/model_rank_0.safetensors", ["merge", "{d}", "{o}", "--no-fsync"],
+     "hpcckpt merge: error: rank 0: {d}/rank_0/model_rank_0.safetensors: cannot read: not a "
+     "regular file (a FIFO)"),
+    ("manifest.json", ["verify", "{d}", "--quick"],
+     "manifest: manifest.json: cannot read: not a regular file (a FIFO) (rank 0)"),
+    ("manifest.json", ["inspect", "{d}"],
+     "hpcckpt inspect: error: rank 0: {d}/manifest.json: cannot read: not a regular file "
+     "(a FIFO)"),
+    ("strategy.yaml", ["merge", "{d}", "{o}", "--no-fsync"],
+     "hpcckpt merge: error: rank 0: {d}/strategy.yaml: cannot read: not a regular file "
+     "(a FIFO)"),
+])
+def test_a_fifo_for_a_checkpoint_file_is_refused_not_waited_on(small_dist, tmp_path, rel,
+                                                                args, expected):
+    # opening a FIFO blocks until someone writes to it: every command used to hang here
+    import shutil
+    from helpers import run_cli
+    d = Path(shutil.copytree(small_dist / "dist", tmp_path / "dist"))
+    _fifo_in_place(d, rel)
+    fill = {"d": str(d), "o": str(tmp_path / "out")}
+    p = run_cli([a.format(**fill) for a in args], timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert expected.format(**fill) in p.stdout + p.stderr, p.stdout + p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_in_the_model_directory_is_named(small_dist, tmp_path):
+    import os
+    import shutil
+    from helpers import run_cli
+    hf = Path(shutil.copytree(small_dist / "hf", tmp_path / "hf"))
+    os.mkfifo(hf / "tokenizer.json")
+    shutil.copy(small_dist / "dist" / "strategy.yaml", tmp_path / "s.yaml")
+    p = run_cli(["split", hf, tmp_path / "out", "--strategy", tmp_path / "s.yaml",
+                 "--no-fsync"], timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stderr.strip() == (f"hpcckpt split: error: rank 0: {hf}/tokenizer.json: cannot "
+                                "carry it: not a regular file (a FIFO); remove it from the "
+                                "model directory")
