@@ -40,6 +40,7 @@ test: $(VENV)/.installed
 	$(PY) tests/run_all.py
 
 bench: $(VENV)/.installed
+	$(PY) -m compileall -q hpcckpt   # edits since `make venv`: no run pays for compiling
 	$(PY) benchmarks/run.py
 
 # Build outputs, caches and the demo's files; keeps the venv.
