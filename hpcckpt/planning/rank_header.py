@@ -63,7 +63,10 @@ class _HeaderTemplate:
 
 
 _TEMPLATES: "OrderedDict[tuple, _HeaderTemplate]" = OrderedDict()
+#: templates kept, and box-size patterns kept per template (each ~40 KiB of text at
+#: 360 tensors: at most ~20 MiB in all; a 70B stage's ranks share one or two patterns)
 _TEMPLATES_KEPT = 64
+_SIZES_KEPT = 8
 
 
 def _braces(text: str) -> str:
@@ -110,7 +113,7 @@ def rank_header_spans(records: list[tuple[TensorSpec, Box]], dedup: "DedupPlan |
             rel.append((pos, end))
             pos = end
         got = ("".join("," + e for e in entries), rel)
-        if len(tpl.entries) < _TEMPLATES_KEPT:   # de-duplicated slabs vary by rank
+        if len(tpl.entries) < _SIZES_KEPT:   # de-duplicated slabs vary by rank
             tpl.entries[sizes] = got
     meta = _rank_metadata(dedup)
     meta["hpcckpt"] = tpl.desc.format(*[_ints(b.offsets) for b in boxes])
