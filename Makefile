@@ -46,6 +46,7 @@ bench: $(VENV)/.installed
 # Build outputs, caches and the demo's files; keeps the venv.
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis $(DEMO_DIR)
+	rm -f hpcckpt/*.so
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Back to a fresh clone: also removes the venv.
