@@ -35,16 +35,16 @@ MS_NAME_MAP = "param_name_map.json"
 MS_META = "meta.json"
 MS_HYPER_PARAMS = "hyper_param.safetensors"
 CHECKSUM_PREFIX = "xxh3_64:"
-
-
-def checksum_of(data) -> str:
-    """The recorded checksum of bytes held whole: ``xxh3_64:<16 hex digits>``."""
-    return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(data)
 DEFAULT_PREFIX = "model"
 #: a distributed checkpoint's copy of its model directory's non-weight files
 MODEL_FILES_DIR = "model_files"
 TRAINING_RECORDS = "commits"
 TRAINING_LATEST = "latest"
+
+
+def checksum_of(data) -> str:
+    """The recorded checksum of bytes held whole: ``xxh3_64:<16 hex digits>``."""
+    return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(data)
 
 #: a rank directory's name, ``rank_<r>``
 RANK_DIR = re.compile(r"^rank_(\d+)$")

@@ -261,7 +261,13 @@ def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]],
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
         rel[name] = (pos, pos + n)
         pos += n
-    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    head = struct.pack("<Q", len(raw)) + raw
+    head = frame_header(json.dumps(doc, separators=(",", ":"), ensure_ascii=False))
     return head, {k: (len(head) + b, len(head) + e) for k, (b, e) in rel.items()}
+
+
+def frame_header(text: str) -> bytes:
+    """A header's JSON text as the file holds it: its length (8 bytes, little-endian),
+    then the UTF-8 bytes padded with spaces to a multiple of 8."""
+    raw = text.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections import OrderedDict
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, itemsize
+from ..formats.safetensors import frame_header
 from ..layout.box import Box
 from ..layout.strategy import Strategy, TensorSpec
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def rank_records(strategy: Strategy, rank: int, dedup: "DedupPlan | None"
-                  ) -> list[tuple[TensorSpec, Box]]:
+                 ) -> list[tuple[TensorSpec, Box]]:
     """What ``rank``'s file stores, in order: its boxes, or what ``dedup`` gives it."""
     if dedup is None:
         return list(strategy.rank_boxes(rank))
@@ -32,11 +32,6 @@ def rank_records(strategy: Strategy, rank: int, dedup: "DedupPlan | None"
         if box is not None:
             out.append((t, box))
     return out
-
-
-def _rank_metadata(dedup: "DedupPlan | None") -> dict[str, str]:
-    """A rank file's ``__metadata__`` besides ``hpcckpt`` (which goes third)."""
-    return {"format": "ms", "remove_redundancy": "True" if dedup is not None else "False"}
 
 
 @lru_cache(maxsize=1 << 16)
@@ -74,7 +69,7 @@ def _braces(text: str) -> str:
 
 
 def rank_header_spans(records: list[tuple[TensorSpec, Box]], dedup: "DedupPlan | None"
-                 ) -> tuple[bytes, list[tuple[int, int]]]:
+                      ) -> tuple[bytes, list[tuple[int, int]]]:
     """``build_header`` of a rank file, byte for byte, from text templates: 1,024 rank
     files of a 70B model hold 370,000 entries, and ``json.dumps`` of their dicts took
     4 ms per file (a shared-filesystem writer lays out every file; ``verify --quick``
@@ -115,16 +110,13 @@ def rank_header_spans(records: list[tuple[TensorSpec, Box]], dedup: "DedupPlan |
         got = ("".join("," + e for e in entries), rel)
         if len(tpl.entries) < _SIZES_KEPT:   # de-duplicated slabs vary by rank
             tpl.entries[sizes] = got
-    meta = _rank_metadata(dedup)
-    meta["hpcckpt"] = tpl.desc.format(*[_ints(b.offsets) for b in boxes])
+    meta = {"format": "ms", "remove_redundancy": "True" if dedup is not None else "False",
+            "hpcckpt": tpl.desc.format(*[_ints(b.offsets) for b in boxes])}
     if dedup is not None:
         meta["dedup"] = dedup.mode
-    text = ('{"__metadata__":' + json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
-            + got[0] + "}")
-    raw = text.encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    start = 8 + len(raw)
-    return struct.pack("<Q", len(raw)) + raw, [(start + b, start + e) for b, e in got[1]]
+    head = frame_header('{"__metadata__":' + json.dumps(meta, separators=(",", ":"),
+                                                        ensure_ascii=False) + got[0] + "}")
+    return head, [(len(head) + b, len(head) + e) for b, e in got[1]]
 
 
 def rank_header(strategy: Strategy, rank: int, dedup: "DedupPlan | None" = None
